@@ -358,3 +358,244 @@ def test_tiny_sit_learns_class_colours():
     pixels = images.view(4, 32, 3, 64)
     assert (pixels.mean(dim=(1, 3)) - COLOURS).abs().max() < 0.1, pixels.mean(dim=(1, 3))
     assert pixels.std(dim=(1, 3)).max() < 0.3  # the noise was turned into images, not kept
+
+
+# ================================================================ train_cifar.py and sample.py
+
+import csv  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torchvision.datasets.cifar  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import sample as sample_script  # noqa: E402
+import train_cifar  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ("--model SiT-S/4 --depth 3 --hidden-size 32 --num-heads 2 --image-size 8 --batch-size 8 "
+        "--sample-steps 2 --device cpu").split()
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """3 classes x 8 images of odd sizes and flat random colours, as torchvision's ImageFolder reads."""
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        os.makedirs(tmp_path / "images" / f"class{c}")
+        for i in range(8):
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            Image.new("RGB", (12, 10), colour).save(tmp_path / "images" / f"class{c}" / f"{i}.png")
+    return str(tmp_path / "images")
+
+
+def train(folder, out, *extra):
+    return train_cifar.main(["--data", folder, "--out", str(out), *TINY, *extra])
+
+
+def run_error(argv, fn=train_cifar.main):
+    with pytest.raises(SystemExit) as error:
+        fn(argv)
+    return str(error.value.code)
+
+
+def test_short_run_writes_checkpoint_metrics_and_grids(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train(image_folder, out, "--steps", "4", "--log-every", "2", "--sample-every", "2", "--ckpt-every", "2")
+    ckpt = torch.load(out / "last.pt", weights_only=True)  # data only, no pickled code
+    assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "rng"} and ckpt["step"] == 4
+    assert ckpt["config"]["model"] == dict(input_size=8, patch_size=4, in_channels=3, hidden_size=32,
+                                           depth=3, num_heads=2, num_classes=3)
+    assert ckpt["config"]["layersync_pairs"] == [[1, 2]]  # default pair for depth 3
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert {"step", "loss", "fm", "layersync", "img_per_s"} <= rows[0].keys()
+    for r in rows:
+        assert float(r["loss"]) == pytest.approx(float(r["fm"]) + 0.2 * float(r["layersync"]), rel=1e-4)
+    for step in (2, 4):
+        grid = Image.open(out / f"samples_{step:07d}.png")
+        assert grid.size == (8 * 8 + 9 * 2, 3 * 8 + 4 * 2)  # 8 columns, one row per class, 2 px padding
+
+
+def test_resume_equals_uninterrupted_bit_for_bit(image_folder, tmp_path):
+    common = ["--log-every", "3", "--sample-every", "100", "--ckpt-every", "100"]
+    train(image_folder, tmp_path / "straight", "--steps", "10", *common)
+    train(image_folder, tmp_path / "resumed", "--steps", "5", *common)
+    halfway = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    train(image_folder, tmp_path / "resumed", "--steps", "10", "--resume", *common)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 10
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
+    for i, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(state[k], b["optimizer"]["state"][i][k]) for k in state)
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert not torch.equal(a["model"]["blocks.0.attn.qkv.weight"], halfway["model"]["blocks.0.attn.qkv.weight"])
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "resumed" / "metrics.csv"))]
+    assert steps == [3, 5, 6, 9, 10]  # resumed rows follow on, none repeated
+
+
+@pytest.mark.parametrize("crash", [OSError("disk full"), KeyboardInterrupt()])
+def test_crash_while_saving_keeps_the_old_checkpoint(image_folder, tmp_path, monkeypatch, crash):
+    out = tmp_path / "run"
+    train(image_folder, out, "--steps", "2")
+    before = (out / "last.pt").read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise crash
+    monkeypatch.setattr(train_cifar.torch, "save", broken_save)
+    with pytest.raises(type(crash)):
+        train(image_folder, out, "--steps", "4", "--resume")
+    monkeypatch.undo()
+    assert (out / "last.pt").read_bytes() == before
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    assert not (out / "last.pt.tmp").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, monkeypatch):
+    calls = []
+    real_loss = train_cifar.training_loss
+
+    def poisoned(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+    monkeypatch.setattr(train_cifar, "training_loss", poisoned)
+    out = tmp_path / "run"
+    message = run_error(["--data", image_folder, "--out", str(out), *TINY, "--steps", "8",
+                         "--ckpt-every", "2", "--log-every", "3"])
+    assert "non-finite at step 4" in message and "last.pt" in message
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_command_line_errors_are_one_line_without_traceback(image_folder, tmp_path):
+    cmd = [sys.executable, os.path.join(HERE, "train_cifar.py"), "--data", image_folder,
+           "--out", str(tmp_path / "x"), *TINY, "--depth", "12", "--layersync-pairs", "7:3"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: --layersync-pairs" in result.stderr and "e.g. 3:7" in result.stderr
+    assert not (tmp_path / "x").exists()  # stopped before any work
+
+
+@pytest.mark.parametrize("pairs,message", [("3:3", "shallower"), ("2:9", "only 3 blocks"),
+                                           ("1-2", "cannot read '1-2'"), ("1:2,x", "cannot read 'x'")])
+def test_bad_pairs_stop_with_a_clear_message(image_folder, tmp_path, pairs, message):
+    error = run_error(["--data", image_folder, "--out", str(tmp_path / "x"), *TINY, "--layersync-pairs", pairs])
+    assert error.startswith("error: --layersync-pairs") and message in error
+
+
+def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
+    args = ["--out", str(tmp_path / "x"), *TINY]
+    assert "no such folder" in run_error(["--data", str(tmp_path / "nope"), *args])
+    os.makedirs(tmp_path / "empty" / "class0")
+    assert "one sub-folder per class" in run_error(["--data", str(tmp_path / "empty"), *args])
+
+    def offline(*_, **__):
+        raise OSError("no internet")
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    message = run_error(["--data", "cifar10", "--data-dir", str(tmp_path / "nocifar"), "--out", str(tmp_path / "x")])
+    assert "cifar-10-python.tar.gz" in message and "no internet" in message
+
+
+def test_resume_refuses_another_configuration(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train(image_folder, out, "--steps", "2")
+    message = run_error(["--data", image_folder, "--out", str(out), *TINY, "--depth", "2", "--resume"])
+    assert "another configuration" in message and "depth: 3 in the checkpoint, 2 now" in message
+    assert "--resume" in run_error(["--data", image_folder, "--out", str(out), *TINY])  # no silent overwrite
+    assert "no checkpoint" in run_error(["--data", image_folder, "--out", str(tmp_path / "new"), *TINY, "--resume"])
+
+
+def write_fake_cifar10(root, per_batch=20):
+    """A small cifar-10-batches-py in torchvision's on-disk format (pickled dicts, CHW rows)."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, per_batch)]}
+        with open(os.path.join(folder, f"data_batch_{i}"), "wb") as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                     "horse", "ship", "truck"]}, f)
+
+
+def test_trains_on_cifar10_format(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path / "data")
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)  # fake md5s
+    out = tmp_path / "run"
+    tiny = [a if a != "8" else "32" for a in TINY]  # CIFAR-10 is 32x32
+    train_cifar.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), *tiny, "--steps", "2"])
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["config"]["model"]["num_classes"] == 10 and ckpt["config"]["classes"][9] == "truck"
+    assert Image.open(out / "samples_0000002.png").size == (8 * 32 + 18, 10 * 32 + 22)
+
+
+def test_device_batches_shuffle_flip_and_scale():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).clone()
+    images[:, :, :, 1] += 100  # the right column is brighter: a flip is visible
+    batches = train_cifar.DeviceBatches(images, torch.arange(10), 5, seed=0, device="cpu")
+    seen, flipped = [], 0
+    for _ in range(2):  # one epoch = two batches of five
+        x, y = batches.next()
+        assert x.min() >= -1 and x.max() <= 1
+        pixel = ((x + 1) * 127.5).round()
+        assert torch.equal(pixel[:, 0, 0, :].min(1).values, y.double().float())  # image i has label i
+        flipped += (pixel[:, 0, 0, 0] > pixel[:, 0, 0, 1]).sum().item()
+        seen += y.tolist()
+    assert sorted(seen) == list(range(10)) and 0 < flipped < 10
+
+
+def test_ema_warm_up():
+    ema, params = [torch.zeros(3)], [torch.ones(3)]
+    train_cifar.update_ema(ema, params, step=0, max_decay=0.9999)  # decay 1/10 at the start
+    assert torch.allclose(ema[0], torch.full((3,), 0.9))
+    ema = [torch.zeros(3)]
+    train_cifar.update_ema(ema, params, step=10**6, max_decay=0.9999)
+    assert torch.allclose(ema[0], torch.full((3,), 1e-4))
+
+
+def test_sample_writes_grid_and_adm_npz(image_folder, tmp_path):
+    train(image_folder, tmp_path / "run", "--steps", "2")
+    ckpt = str(tmp_path / "run" / "last.pt")
+    npz, grid = str(tmp_path / "s.npz"), str(tmp_path / "g.png")
+    sample_script.main(["--ckpt", ckpt, "--n", "7", "--steps", "2", "--batch-size", "4",
+                        "--npz", npz, "--grid", grid, "--device", "cpu"])
+    data = np.load(npz)
+    assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (7, 8, 8, 3)
+    assert data["arr_1"].tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert Image.open(grid).size == (3 * 8 + 4 * 2, 3 * 8 + 4 * 2)
+    # the same seed gives the same images whatever the batch size; --class-label fixes the class
+    sample_script.main(["--ckpt", ckpt, "--n", "7", "--steps", "2", "--batch-size", "7", "--npz", npz,
+                        "--device", "cpu"])
+    assert np.array_equal(np.load(npz)["arr_0"], data["arr_0"])
+    sample_script.main(["--ckpt", ckpt, "--n", "4", "--steps", "2", "--class-label", "2", "--method", "euler",
+                        "--cfg-scale", "2", "--npz", npz, "--device", "cpu"])
+    assert np.load(npz)["arr_1"].tolist() == [2, 2, 2, 2]
+    assert "classes 0..2" in run_error(["--ckpt", ckpt, "--class-label", "3", "--grid", grid],
+                                       sample_script.main)
+
+
+def test_sample_fid_without_torch_fidelity_says_what_to_install(image_folder, tmp_path, monkeypatch):
+    train(image_folder, tmp_path / "run", "--steps", "1")
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import fails as if not installed
+    message = run_error(["--ckpt", str(tmp_path / "run" / "last.pt"), "--n", "2", "--steps", "1", "--fid",
+                         "--device", "cpu"], sample_script.main)
+    assert "pip install torch-fidelity" in message
+    assert "no checkpoint" in run_error(["--ckpt", str(tmp_path / "nope.pt"), "--grid", "g.png"],
+                                        sample_script.main)
+
+
+def test_bench_times_baseline_and_layersync(capsys):
+    times = train_cifar.main([*TINY, "--bench", "--bench-steps", "2", "--bench-warmup", "1"])
+    assert set(times) == {"baseline", "layersync"} and all(t > 0 for t in times.values())
+    printed = capsys.readouterr().out
+    assert "img/s" in printed and "LayerSync / baseline step time" in printed

@@ -1,0 +1,483 @@
+"""Train a SiT on CIFAR-10 (or any image folder) with LayerSync; --layersync-weight 0 is the baseline.
+
+    python train_cifar.py --out runs/layersync                         # LayerSync, lambda 0.2
+    python train_cifar.py --out runs/baseline --layersync-weight 0     # plain SiT
+    python train_cifar.py --bench                                      # timing, no dataset needed
+
+A run writes to --out: metrics.csv, samples_<step>.png (EMA model, fixed noise, one row per
+class) and last.pt (model, EMA, optimizer, step, config, RNG states); --resume continues it.
+"""
+
+import argparse
+import copy
+import csv
+import os
+import signal
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from layersync import (SiT, SiT_models, check_layersync_pairs, default_layersync_pair,
+                       guided_velocity, sample, training_loss)
+
+# dense bf16 peak FLOP/s from the vendors' data sheets, for MFU; matched against the device name
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12}
+
+
+def fail(message: str):
+    """Stop with a one-line message (no traceback): the user has something to fix."""
+    raise SystemExit(f"error: {message}")
+
+
+# ------------------------------------------------------------------ command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="cifar10", help="'cifar10' or a folder with one sub-folder per class")
+    d.add_argument("--data-dir", default="./data", help="where CIFAR-10 is (or is downloaded to)")
+    d.add_argument("--image-size", type=int, default=32, help="image folders are resized and centre-cropped to it")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="SiT-S/2", choices=sorted(SiT_models), help="SiT preset")
+    m.add_argument("--depth", type=int, help="override the preset's number of blocks")
+    m.add_argument("--hidden-size", type=int, help="override the preset's width")
+    m.add_argument("--num-heads", type=int, help="override the preset's attention heads")
+    m.add_argument("--patch-size", type=int, help="override the preset's patch size")
+    s = p.add_argument_group("LayerSync")
+    s.add_argument("--layersync-weight", type=float, default=0.2, help="lambda of Eq. 3; 0 = SiT baseline")
+    s.add_argument("--layersync-pairs", help="'k:k2,...' 1-indexed blocks, student k < teacher k2 "
+                                            "(default: 8:16 of 28 scaled to the depth, 3:7 for 12 blocks)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=100_000, help="total optimiser steps")
+    o.add_argument("--batch-size", type=int, default=256)
+    o.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    o.add_argument("--ema-decay", type=float, default=0.9999, help="reached after a warm-up")
+    o.add_argument("--seed", type=int, default=0)
+    h = p.add_argument_group("hardware")
+    h.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    h.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    h.add_argument("--no-compile", action="store_true", help="skip torch.compile (it is on by default on CUDA)")
+    r = p.add_argument_group("outputs")
+    r.add_argument("--out", default="runs/layersync", help="output folder")
+    r.add_argument("--resume", action="store_true", help="continue from <out>/last.pt up to --steps")
+    r.add_argument("--log-every", type=int, default=100)
+    r.add_argument("--sample-every", type=int, default=10_000)
+    r.add_argument("--sample-steps", type=int, default=50, help="Heun steps for the sample grids")
+    r.add_argument("--ckpt-every", type=int, default=5_000)
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--bench", action="store_true", help="time baseline and LayerSync steps on synthetic data")
+    b.add_argument("--bench-steps", type=int, default=50)
+    b.add_argument("--bench-warmup", type=int, default=15)
+    args = p.parse_args(argv)
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.compile = args.device.startswith("cuda") and not args.no_compile
+    return args
+
+
+def parse_pairs(text, depth: int) -> list:
+    """'3:7,2:9' -> [(3, 7), (2, 9)], validated against the depth (one-line error otherwise)."""
+    if text is None:
+        return [default_layersync_pair(depth)]
+    pairs = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+            k, kk = default_layersync_pair(depth)
+            fail(f"--layersync-pairs: cannot read {item.strip()!r}; write student:teacher block "
+                 f"numbers, comma-separated, e.g. {k}:{kk}")
+        pairs.append((int(parts[0]), int(parts[1])))
+    try:
+        return check_layersync_pairs(pairs, depth)
+    except ValueError as error:
+        fail(f"--layersync-pairs: {error}")
+
+
+def model_config(args, num_classes: int) -> dict:
+    """Every SiT keyword of the run: enough to rebuild the model with SiT(**config)."""
+    config = dict(SiT_models[args.model].keywords)
+    for key in ("depth", "hidden_size", "num_heads", "patch_size"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    config.update(input_size=args.image_size, in_channels=3, num_classes=num_classes)
+    return config
+
+
+# ------------------------------------------------------------------ data
+
+def load_cifar10(data_dir: str):
+    from torchvision.datasets import CIFAR10
+    try:
+        data = CIFAR10(data_dir, train=True, download=True)
+    except Exception as error:  # offline, a broken archive, a truncated batch file
+        fail(f"could not load CIFAR-10 from {os.path.abspath(data_dir)} ({type(error).__name__}: {error}). "
+             f"Without internet, download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
+             f"and put it in that folder (it is unpacked on first use), or pass --data PATH for an image folder.")
+    images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()  # (50000, 3, 32, 32) uint8
+    return images, torch.tensor(data.targets), data.classes
+
+
+def load_image_folder(path: str, size: int):
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+    if not os.path.isdir(path):
+        fail(f"--data {path}: no such folder; give 'cifar10' or a folder with one sub-folder of images per class")
+    resize = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+    try:
+        data = ImageFolder(path, transform=resize)
+    except (FileNotFoundError, OSError) as error:
+        fail(f"--data {path}: {error}; it needs one sub-folder per class with images in it")
+    images = torch.stack([image for image, _ in tqdm(data, desc="decoding images", leave=False)])
+    return images, torch.tensor(data.targets), data.classes
+
+
+def load_data(args):
+    if args.data == "cifar10":
+        if args.image_size != 32:
+            fail("CIFAR-10 images are 32x32: drop --image-size or set it to 32")
+        return load_cifar10(args.data_dir)
+    return load_image_folder(args.data, args.image_size)
+
+
+class DeviceBatches:
+    """The whole dataset as uint8 on the device; shuffling and flips on the device, no loader workers.
+
+    CIFAR-10 is 150 MB as uint8, so it fits on any GPU, and gathering a batch there costs
+    microseconds. Epoch order and flips come from a CPU generator whose state is checkpointed.
+    """
+
+    def __init__(self, images, labels, batch_size: int, seed: int, device):
+        if len(images) < batch_size:
+            fail(f"the dataset has {len(images)} images, fewer than --batch-size {batch_size}")
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.device = batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.new_epoch()
+
+    def new_epoch(self):
+        self.epoch_start = self.generator.get_state()  # enough to redraw this epoch on resume
+        n = len(self.images)
+        self.order = torch.randperm(n, generator=self.generator).to(self.device)
+        self.flip = (torch.rand(n, generator=self.generator) < 0.5).to(self.device)
+        self.position = 0
+
+    def next(self):
+        if self.position + self.batch_size > len(self.order):
+            self.new_epoch()  # drop the last partial batch of each epoch
+        window = slice(self.position, self.position + self.batch_size)
+        self.position += self.batch_size
+        index = self.order[window]
+        x = self.images[index]
+        x = torch.where(self.flip[window, None, None, None], x.flip(-1), x)  # random horizontal flip
+        return x.float() / 127.5 - 1, self.labels[index]  # pixels in [-1, 1]
+
+    def state_dict(self):
+        return {"epoch_start": self.epoch_start, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["epoch_start"])
+        self.new_epoch()
+        self.position = state["position"]
+
+
+# ------------------------------------------------------------------ the training step
+
+@torch.no_grad()
+def update_ema(ema_params, params, step: int, max_decay: float):
+    # warm-up: decay (1 + step) / (10 + step), so that short runs still get a usable EMA
+    decay = min(max_decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+def train_step(args, model, forward, optimizer, ema_params, x, y, step, pairs, weight):
+    """One AdamW step on Eq. 3, then the EMA. No host sync: what it returns stays on the device."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        losses = training_loss(forward, x, y, pairs, weight)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    update_ema(ema_params, list(model.parameters()), step, args.ema_decay)
+    return losses, grad_norm
+
+
+def build(args, config, device):
+    torch.manual_seed(args.seed)
+    model = SiT(**config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    forward = torch.compile(model) if args.compile else model
+    return model, ema, optimizer, forward
+
+
+def setup_device(args):
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            fail("--device cuda but no CUDA GPU is visible; use --device cpu")
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever still runs in fp32
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def save_checkpoint(path: str, state: dict):
+    """Write to a temporary file, then rename: a kill during saving never breaks `path`."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str) -> dict:
+    try:  # weights_only: a checkpoint is data and is never allowed to run code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"no checkpoint at {path}")
+    except Exception as error:
+        fail(f"cannot read checkpoint {path} ({type(error).__name__}: {error})")
+
+
+def rng_state(device, batches) -> dict:
+    state = {"torch": torch.get_rng_state(), "data": batches.state_dict()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device, batches):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    batches.load_state_dict(state["data"])
+
+
+def check_resume_config(old: dict, new: dict, path: str):
+    if old["model"] != new["model"] or old["data"] != new["data"]:
+        diff = [f"{k}: {old['model'].get(k)} in the checkpoint, {new['model'].get(k)} now"
+                for k in sorted(set(old["model"]) | set(new["model"])) if old["model"].get(k) != new["model"].get(k)]
+        if old["data"] != new["data"]:
+            diff.append(f"data: {old['data']} in the checkpoint, {new['data']} now")
+        fail(f"{path} belongs to another configuration ({'; '.join(diff)}); "
+             f"resume with the same model and data flags, or start a new run in another --out")
+    changed = [f"{k} {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k]]
+    if changed:
+        print("resuming with changed settings: " + ", ".join(changed))
+
+
+# ------------------------------------------------------------------ logging and samples
+
+CSV_FIELDS = ["step", "loss", "fm", "layersync", "grad_norm", "img_per_s", "elapsed_s"]
+
+
+def open_metrics(path: str, resume_step: int):
+    """metrics.csv, keeping only rows up to the step a resumed run restarts from."""
+    rows = []
+    if resume_step and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    f.flush()
+    return f, writer
+
+
+def fixed_grid_inputs(config: dict, device, columns: int = 8):
+    """The same noise and labels at every step of every run (seeded apart from --seed)."""
+    rows = min(config["num_classes"], 20)
+    size, channels = config["input_size"], config["in_channels"]
+    noise = torch.randn(rows * columns, channels, size, size, generator=torch.Generator().manual_seed(2026))
+    labels = torch.arange(rows).repeat_interleave(columns)
+    return noise.to(device), labels.to(device), columns
+
+
+def save_grid(ema, grid, path, steps, precision):
+    from torchvision.utils import save_image
+    noise, labels, columns = grid
+    with torch.autocast(noise.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        images = sample(guided_velocity(ema, labels), noise, steps=steps, method="heun")
+    save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=columns)  # one row per class
+
+
+# ------------------------------------------------------------------ training
+
+def train(args):
+    device = setup_device(args)
+    depth = args.depth or SiT_models[args.model].keywords["depth"]
+    pairs = parse_pairs(args.layersync_pairs, depth)  # bad pairs stop before any work
+    ckpt_path = os.path.join(args.out, "last.pt")
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(ckpt_path)
+        if checkpoint["step"] >= args.steps:
+            print(f"{ckpt_path} is at step {checkpoint['step']} >= --steps {args.steps}: nothing to do")
+            return
+    elif os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+
+    images, labels, classes = load_data(args)
+    config = {"model": model_config(args, len(classes)), "data": args.data, "classes": list(classes),
+              "layersync_pairs": [list(p) for p in pairs], "layersync_weight": args.layersync_weight,
+              "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+              "grad_clip": args.grad_clip, "ema_decay": args.ema_decay, "seed": args.seed,
+              "precision": args.precision}
+    os.makedirs(args.out, exist_ok=True)
+    model, ema, optimizer, forward = build(args, config["model"], device)
+    batches = DeviceBatches(images, labels, args.batch_size, args.seed, device)
+    step = 0
+    if checkpoint is not None:
+        check_resume_config(checkpoint["config"], config, ckpt_path)
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
+        step = checkpoint["step"]
+        restore_rng(checkpoint["rng"], device, batches)
+    print(f"{args.model} {sum(p.numel() for p in model.parameters()):,} parameters, depth {len(model.blocks)}, "
+          f"LayerSync {'off (baseline)' if args.layersync_weight == 0 else f'lambda {args.layersync_weight}'}, "
+          f"pairs {pairs}, {len(images)} images in {len(classes)} classes, {device} {args.precision}")
+
+    metrics_file, metrics = open_metrics(os.path.join(args.out, "metrics.csv"), step)
+    grid = fixed_grid_inputs(config["model"], device)
+    ema_params = list(ema.parameters())
+
+    def save():
+        check_finite()
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "step": step,
+                                    "config": config, "rng": rng_state(device, batches)})
+
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss
+
+    def check_finite():
+        bad = int(first_bad)
+        if bad:
+            fail(f"the loss became non-finite at step {bad}; stopped without saving, so {ckpt_path} "
+                 f"keeps the last good state. Try a lower --lr, --precision fp32 or a smaller --grad-clip.")
+
+    interrupted = []
+
+    def on_interrupt(*_):
+        interrupted.append(True)  # finish the step, save, stop; a second Ctrl-C stops at once
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+
+    totals = torch.zeros(4, device=device)  # loss, fm, layersync, grad norm since the last log
+    last_log_step, last_log_time, start = step, time.perf_counter(), time.perf_counter()
+    bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
+    try:
+        while step < args.steps:
+            x, y = batches.next()
+            losses, grad_norm = train_step(args, model, forward, optimizer, ema_params, x, y, step,
+                                           pairs, args.layersync_weight)
+            step += 1
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(losses["loss"]), step, first_bad)
+            totals += torch.stack([losses["loss"].detach(), losses["fm"], losses["layersync"], grad_norm])
+            bar.update(1)
+            if step % args.log_every == 0 or step == args.steps:
+                check_finite()
+                mean = (totals / (step - last_log_step)).tolist()  # the only host sync, once per log
+                now = time.perf_counter()
+                row = dict(zip(CSV_FIELDS, [step, *mean, args.batch_size * (step - last_log_step) / (now - last_log_time),
+                                            now - start]))
+                metrics.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{mean[0]:.4f}", fm=f"{mean[1]:.4f}", sync=f"{mean[2]:.3f}",
+                                img_s=f"{row['img_per_s']:.0f}")
+                totals.zero_()
+                last_log_step, last_log_time = step, now
+            if step % args.sample_every == 0 or step == args.steps:
+                check_finite()
+                save_grid(ema, grid, os.path.join(args.out, f"samples_{step:07d}.png"),
+                          args.sample_steps, args.precision)
+            if step % args.ckpt_every == 0 or step == args.steps or interrupted:
+                save()
+            if interrupted:
+                print(f"\ninterrupted: saved step {step} to {ckpt_path}; --resume continues")
+                break
+    finally:
+        bar.close()
+        metrics_file.close()
+        signal.signal(signal.SIGINT, previous_handler)
+
+
+
+# ------------------------------------------------------------------ benchmark
+
+def forward_macs_per_image(config: dict) -> int:
+    """Multiply-adds of one SiT forward: depth * (12 T H^2 + 2 T^2 H), plus the patch in/out layers."""
+    tokens = (config["input_size"] // config["patch_size"]) ** 2
+    h = config["hidden_size"]
+    patch_io = 2 * tokens * h * config["patch_size"] ** 2 * config["in_channels"]
+    return config["depth"] * (12 * tokens * h * h + 2 * tokens * tokens * h) + patch_io
+
+
+def bench(args):
+    """Time training steps on synthetic data: the SiT baseline, then LayerSync, in one process."""
+    device = setup_device(args)
+    config = model_config(args, num_classes=10)
+    pairs = parse_pairs(args.layersync_pairs, config["depth"])
+    weight = args.layersync_weight or 0.2
+    train_flops = 3 * 2 * forward_macs_per_image(config)  # backward = 2x forward; 2 FLOPs per MAC
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
+    print(f"{args.model} {config} on {name}, batch {args.batch_size}, {args.precision}, "
+          f"compile {args.compile}, {train_flops / 1e9:.1f} GFLOP per training image")
+    print(f"{'run':<10} {'ms/step':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}")
+    times = {}
+    for label, run_pairs, run_weight in (("baseline", [], 0.0), ("layersync", pairs, weight)):
+        model, ema, optimizer, forward = build(args, config, device)
+        ema_params = list(ema.parameters())
+        size = config["input_size"]
+        x = torch.randn(args.batch_size, 3, size, size, device=device)
+        y = torch.randint(0, 10, (args.batch_size,), device=device)
+        for step in range(args.bench_warmup + args.bench_steps):
+            if step == args.bench_warmup:  # compile and allocator warm-up excluded
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+            losses, _ = train_step(args, model, forward, optimizer, ema_params, x, y, step, run_pairs, run_weight)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - start) / max(args.bench_steps, 1)
+        if not torch.isfinite(losses["loss"]):
+            fail(f"bench: non-finite loss in the {label} run")
+        times[label] = seconds
+        images_per_s = args.batch_size / seconds
+        tflops = images_per_s * train_flops / 1e12
+        mfu = f"{100 * tflops * 1e12 / peak:.1f}%" if peak and args.precision == "bf16" else "n/a"
+        memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}" if device.type == "cuda" else "n/a"
+        print(f"{label + ' ' + str(run_pairs or ''):<10} {1e3 * seconds:>9.2f} {images_per_s:>9.1f} "
+              f"{tflops:>8.2f} {mfu:>6} {memory:>8}")
+        del model, ema, optimizer, forward, ema_params
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"LayerSync / baseline step time: {times['layersync'] / times['baseline']:.3f} "
+          f"(lambda {weight}, pairs {pairs})")
+    return times
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return bench(args) if args.bench else train(args)
+
+
+if __name__ == "__main__":
+    main()
