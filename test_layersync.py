@@ -475,6 +475,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, 
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
 
 
+def test_ctrl_c_finishes_the_step_saves_and_stops(image_folder, tmp_path, monkeypatch):
+    import signal
+    calls = []
+    real_loss = train_cifar.training_loss
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train_cifar, "training_loss", interrupted)
+    train(image_folder, tmp_path / "run", "--steps", "10", "--ckpt-every", "100")
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+
+
 def test_command_line_errors_are_one_line_without_traceback(image_folder, tmp_path):
     cmd = [sys.executable, os.path.join(HERE, "train_cifar.py"), "--data", image_folder,
            "--out", str(tmp_path / "x"), *TINY, "--depth", "12", "--layersync-pairs", "7:3"]

@@ -437,7 +437,8 @@ def bench(args):
     train_flops = 3 * 2 * forward_macs_per_image(config)  # backward = 2x forward; 2 FLOPs per MAC
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
-    print(f"{args.model} {config} on {name}, batch {args.batch_size}, {args.precision}, "
+    shape = ", ".join(f"{k} {config[k]}" for k in ("depth", "hidden_size", "num_heads", "patch_size", "input_size"))
+    print(f"{args.model} ({shape}) on {name}, batch {args.batch_size}, {args.precision}, "
           f"compile {args.compile}, {train_flops / 1e9:.1f} GFLOP per training image")
     print(f"{'run':<10} {'ms/step':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}")
     times = {}
@@ -464,7 +465,7 @@ def bench(args):
         tflops = images_per_s * train_flops / 1e12
         mfu = f"{100 * tflops * 1e12 / peak:.1f}%" if peak and args.precision == "bf16" else "n/a"
         memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}" if device.type == "cuda" else "n/a"
-        print(f"{label + ' ' + str(run_pairs or ''):<10} {1e3 * seconds:>9.2f} {images_per_s:>9.1f} "
+        print(f"{label:<10} {1e3 * seconds:>9.2f} {images_per_s:>9.1f} "
               f"{tflops:>8.2f} {mfu:>6} {memory:>8}")
         del model, ema, optimizer, forward, ema_params
         if device.type == "cuda":
