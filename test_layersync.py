@@ -1,12 +1,15 @@
 """Tests for layersync.py, train_cifar.py and sample.py. CPU only: `python -m pytest -q`."""
 
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import layersync as L
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def tiny_sit(depth=4, seed=0, perturb=True, **overrides):
@@ -360,6 +363,23 @@ def test_tiny_sit_learns_class_colours():
     assert pixels.std(dim=(1, 3)).max() < 0.3  # the noise was turned into images, not kept
 
 
+def test_readme_paper_to_code_map_points_at_the_right_lines():
+    import re
+    source = open(os.path.join(HERE, "layersync.py")).read().splitlines()
+    rows = re.findall(r"^\| .* \| `([A-Za-z_.]+)[^|]*, lines (\d+)-(\d+) \|$",
+                      open(os.path.join(HERE, "README.md")).read(), re.M)
+    assert len(rows) >= 8
+    for name, first, last in rows:
+        name = name.split(".")[-1]  # SiT.forward -> forward
+        first, last = int(first), int(last)
+        defined = [i + 1 for i, line in enumerate(source[:last]) if re.match(rf"\s*(def|class) {name}\b", line)]
+        assert defined, (name, first, last)
+        at = defined[-1]
+        covers = first - 5 <= at <= last  # the range holds the definition (after a header)
+        inside = at <= first and not any(re.match(r"(def|class) ", line) for line in source[at:last])
+        assert covers or inside, (name, first, last)
+
+
 # ================================================================ train_cifar.py and sample.py
 
 import csv  # noqa: E402
@@ -375,7 +395,6 @@ from PIL import Image  # noqa: E402
 import sample as sample_script  # noqa: E402
 import train_cifar  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ("--model SiT-S/4 --depth 3 --hidden-size 32 --num-heads 2 --image-size 8 --batch-size 8 "
         "--sample-steps 2 --device cpu").split()
 

@@ -394,20 +394,22 @@ def train(args):
                 check_finite()
                 mean = (totals / (step - last_log_step)).tolist()  # the only host sync, once per log
                 now = time.perf_counter()
-                row = dict(zip(CSV_FIELDS, [step, *mean, args.batch_size * (step - last_log_step) / (now - last_log_time),
-                                            now - start]))
+                images_per_s = args.batch_size * (step - last_log_step) / (now - last_log_time)
+                row = dict(zip(CSV_FIELDS, [step, *mean, images_per_s, now - start]))
                 metrics.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
                 metrics_file.flush()
                 bar.set_postfix(loss=f"{mean[0]:.4f}", fm=f"{mean[1]:.4f}", sync=f"{mean[2]:.3f}",
                                 img_s=f"{row['img_per_s']:.0f}")
                 totals.zero_()
                 last_log_step, last_log_time = step, now
+            pause = time.perf_counter()
             if step % args.sample_every == 0 or step == args.steps:
                 check_finite()
                 save_grid(ema, grid, os.path.join(args.out, f"samples_{step:07d}.png"),
                           args.sample_steps, args.precision)
             if step % args.ckpt_every == 0 or step == args.steps or interrupted:
                 save()
+            last_log_time += time.perf_counter() - pause  # img_per_s counts training time only
             if interrupted:
                 print(f"\ninterrupted: saved step {step} to {ckpt_path}; --resume continues")
                 break
