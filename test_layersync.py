@@ -531,6 +531,8 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
     assert "no such folder" in run_error(["--data", str(tmp_path / "nope"), *args])
     os.makedirs(tmp_path / "empty" / "class0")
     assert "one sub-folder per class" in run_error(["--data", str(tmp_path / "empty"), *args])
+    (tmp_path / "empty" / "class0" / "broken.png").write_bytes(b"not a png")
+    assert "broken.png" in run_error(["--data", str(tmp_path / "empty"), *args])
 
     def offline(*_, **__):
         raise OSError("no internet")

@@ -127,11 +127,11 @@ def load_image_folder(path: str, size: int):
     if not os.path.isdir(path):
         fail(f"--data {path}: no such folder; give 'cifar10' or a folder with one sub-folder of images per class")
     resize = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
-    try:
+    try:  # an empty folder, or an unreadable image (PIL's errors are OSErrors too)
         data = ImageFolder(path, transform=resize)
-    except (FileNotFoundError, OSError) as error:
+        images = torch.stack([image for image, _ in tqdm(data, desc="decoding images", leave=False)])
+    except OSError as error:
         fail(f"--data {path}: {error}; it needs one sub-folder per class with images in it")
-    images = torch.stack([image for image, _ in tqdm(data, desc="decoding images", leave=False)])
     return images, torch.tensor(data.targets), data.classes
 
 
