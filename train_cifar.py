@@ -193,15 +193,16 @@ def update_ema(ema_params, params, step: int, max_decay: float):
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-def train_step(args, model, forward, optimizer, ema_params, x, y, step, pairs, weight):
+def train_step(args, forward, optimizer, ema_params, x, y, step, pairs, weight):
     """One AdamW step on Eq. 3, then the EMA. No host sync: what it returns stays on the device."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         losses = training_loss(forward, x, y, pairs, weight)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    params = optimizer.param_groups[0]["params"]  # the model's parameters, listed once already
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     optimizer.step()
-    update_ema(ema_params, list(model.parameters()), step, args.ema_decay)
+    update_ema(ema_params, params, step, args.ema_decay)
     return losses, grad_norm
 
 
@@ -384,7 +385,7 @@ def train(args):
     try:
         while step < args.steps:
             x, y = batches.next()
-            losses, grad_norm = train_step(args, model, forward, optimizer, ema_params, x, y, step,
+            losses, grad_norm = train_step(args, forward, optimizer, ema_params, x, y, step,
                                            pairs, args.layersync_weight)
             step += 1
             first_bad = torch.where((first_bad == 0) & ~torch.isfinite(losses["loss"]), step, first_bad)
@@ -456,7 +457,7 @@ def bench(args):
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
                 start = time.perf_counter()
-            losses, _ = train_step(args, model, forward, optimizer, ema_params, x, y, step, run_pairs, run_weight)
+            losses, _ = train_step(args, forward, optimizer, ema_params, x, y, step, run_pairs, run_weight)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - start) / max(args.bench_steps, 1)
