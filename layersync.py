@@ -17,6 +17,7 @@ x_t = t * x1 + (1 - t) * x0, and the model predicts the velocity x1 - x0.
 """
 
 import math
+import operator
 from functools import partial
 
 import torch
@@ -158,6 +159,9 @@ class SiT(nn.Module):
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1, num_classes: int = 1000):
         super().__init__()
+        if min(input_size, patch_size, hidden_size, depth, num_heads) < 1:
+            raise ValueError(f"SiT: input_size {input_size}, patch_size {patch_size}, hidden_size "
+                             f"{hidden_size}, depth {depth} and num_heads {num_heads} must all be >= 1")
         if input_size % patch_size or hidden_size % num_heads or hidden_size % 4:
             raise ValueError(f"SiT: input_size {input_size} must be divisible by patch_size "
                              f"{patch_size}, hidden_size {hidden_size} by num_heads {num_heads} and 4")
@@ -250,10 +254,12 @@ def check_layersync_pairs(pairs, depth: int) -> list:
     hint = f"e.g. {example[0]}:{example[1]} for a {depth}-block model" if example else "needs depth >= 2"
     checked = []
     for pair in pairs:
-        if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-                or not all(isinstance(k, int) and not isinstance(k, bool) for k in pair)):
-            raise ValueError(f"layersync pair {pair!r}: expected two block numbers (k, k'), {hint}")
-        k, kk = pair
+        try:  # any integer type (int, numpy or torch integers), but not bools or floats
+            if len(pair) != 2 or any(isinstance(k, bool) for k in pair):
+                raise TypeError
+            k, kk = (operator.index(k) for k in pair)
+        except TypeError:
+            raise ValueError(f"layersync pair {pair!r}: expected two block numbers (k, k'), {hint}") from None
         if not 1 <= k < kk:
             raise ValueError(f"layersync pair ({k}, {kk}): the student block k must be at least 1 "
                              f"and shallower than the teacher block k' (k < k'), {hint}")
@@ -270,9 +276,18 @@ def training_loss(model: SiT, x1: torch.Tensor, y: torch.Tensor,
 
     Returns scalar tensors: "loss" (Eq. 3), "fm" (Eq. 1), "layersync" (Eq. 2 averaged over
     the pairs; 0 without pairs). With weight 0 the pairs are only measured (no gradient),
-    so the update is exactly the plain SiT baseline's.
+    so the update is exactly the plain SiT baseline's. A non-zero weight needs at least one
+    pair: silently training the baseline is the public code's default-pair pitfall.
     """
     pairs = check_layersync_pairs(layersync_pairs, len(model.blocks))
+    if not (math.isfinite(layersync_weight) and layersync_weight >= 0):
+        raise ValueError(f"training_loss: layersync_weight must be finite and >= 0, got {layersync_weight}")
+    if layersync_weight and not pairs:
+        raise ValueError(f"training_loss: layersync_weight {layersync_weight} with no layersync_pairs "
+                         f"would train the plain baseline; pass pairs, e.g. "
+                         f"[default_layersync_pair({len(model.blocks)})], or weight 0")
+    if x1.shape[0] == 0:
+        raise ValueError("training_loss: the batch is empty (x1 has 0 samples)")
     x0 = torch.randn_like(x1)                                    # noise, t = 0
     t = torch.rand(x1.shape[0], device=x1.device, dtype=x1.dtype)  # t ~ U[0, 1)
     t_ = t.view(-1, *([1] * (x1.dim() - 1)))

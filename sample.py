@@ -8,6 +8,8 @@ over the classes (i % num_classes) unless --class-label fixes one.
 """
 
 import argparse
+import math
+import os
 import sys
 
 import numpy as np
@@ -15,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from layersync import SiT, guided_velocity, sample
-from train_cifar import fail, load_checkpoint, load_cifar10
+from train_cifar import check_device, fail, load_checkpoint, load_cifar10
 
 
 def parse_args(argv=None):
@@ -37,13 +39,36 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not (args.grid or args.npz or args.fid):
         p.error("nothing to write: give --grid PATH, --npz PATH and/or --fid")
+    check_args(args)
     return args
+
+
+def check_output_path(flag: str, path: str, extensions: tuple):
+    if not path.lower().endswith(extensions):
+        fail(f"{flag} {path}: the file name must end with {' or '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        fail(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        fail(f"{flag} {path}: cannot write a file there")
+
+
+def check_args(args):
+    """Everything that can be checked before loading the model or drawing a sample, in one line each."""
+    for name in ("n", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if not math.isfinite(args.cfg_scale):
+        fail(f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = no guidance)")
+    check_device(args.device)
+    if args.grid:
+        check_output_path("--grid", args.grid, (".png", ".jpg", ".jpeg"))
+    if args.npz:  # numpy would silently append .npz to any other name
+        check_output_path("--npz", args.npz, (".npz",))
 
 
 def load_model(args, device):
     checkpoint = load_checkpoint(args.ckpt)
-    if not {"model", "ema", "config"} <= checkpoint.keys():
-        fail(f"{args.ckpt} is not a train_cifar.py checkpoint (it lacks model/ema/config)")
     config = checkpoint["config"]
     model = SiT(**config["model"])
     model.load_state_dict(checkpoint["model" if args.no_ema else "ema"])
@@ -80,34 +105,47 @@ class UInt8Images(torch.utils.data.Dataset):
         return self.images[i].permute(2, 0, 1).contiguous()
 
 
-def compute_fid(images: torch.Tensor, data_dir: str, device) -> float:
-    """FID of the samples against the 50,000 CIFAR-10 training images (torch-fidelity)."""
+def prepare_fid(model_config: dict, data_dir: str):
+    """Before sampling: the extra is installed, the samples can be compared with CIFAR-10, the
+    reference images and the Inception weights are there. Returns the reference images."""
     try:
         import torch_fidelity
     except ImportError:
         fail("--fid needs the optional extra torch-fidelity: pip install torch-fidelity")
-    if images.shape[1:] != (32, 32, 3):
-        fail(f"--fid compares with CIFAR-10 (32x32 RGB), but these samples are {tuple(images.shape[1:])}")
+    shape = (model_config["input_size"], model_config["in_channels"])
+    if shape != (32, 3):
+        fail(f"--fid compares with CIFAR-10 (32x32 RGB), but this model makes "
+             f"{shape[0]}x{shape[0]} images with {shape[1]} channels")
     reference, _, _ = load_cifar10(data_dir)  # (N, 3, 32, 32) uint8, downloaded if absent
-    real = UInt8Images(reference.permute(0, 2, 3, 1))
-    try:
-        metrics = torch_fidelity.calculate_metrics(
-            input1=UInt8Images(images), input2=real, input2_cache_name="layersync-cifar10-train",
-            fid=True, cuda=device.type == "cuda", verbose=False)
-    except Exception as error:  # most often: no internet to fetch the Inception weights
-        fail(f"FID failed ({type(error).__name__}: {error}). torch-fidelity downloads its Inception "
-             f"weights on first use: run once with internet access (they are cached under ~/.cache/torch), "
-             f"or compute FID elsewhere from the --npz file")
+    try:  # torch-fidelity downloads these weights on first use
+        torch_fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    except Exception as error:
+        fail(f"--fid: torch-fidelity could not load its Inception weights ({type(error).__name__}: {error}). "
+             f"Run once with internet access (they are cached under ~/.cache/torch), or write --npz "
+             f"and compute FID elsewhere")
+    return UInt8Images(reference.permute(0, 2, 3, 1))
+
+
+def compute_fid(images: torch.Tensor, reference, device) -> float:
+    """FID of the samples against the 50,000 CIFAR-10 training images (torch-fidelity)."""
+    import torch_fidelity
+    metrics = torch_fidelity.calculate_metrics(
+        input1=UInt8Images(images), input2=reference, input2_cache_name="layersync-cifar10-train",
+        fid=True, cuda=device.type == "cuda", verbose=False)
     return metrics["frechet_inception_distance"]
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = check_device(args.device)
     model, config, step = load_model(args, device)
     num_classes = config["model"]["num_classes"]
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         fail(f"--class-label {args.class_label}: the model has classes 0..{num_classes - 1}")
+    if args.cfg_scale != 1 and model.y_embedder.table.num_embeddings == num_classes:
+        fail(f"--cfg-scale {args.cfg_scale}: this model was trained without label dropout, so it has "
+             f"no null class to guide with; use --cfg-scale 1")
+    reference = prepare_fid(config["model"], args.data_dir) if args.fid else None
     if args.class_label is None:
         labels = torch.arange(args.n) % num_classes
     else:
@@ -124,7 +162,7 @@ def main(argv=None):
         np.savez(args.npz, arr_0=images.numpy(), arr_1=labels.numpy())
         print(f"npz: {args.npz}")
     if args.fid:
-        print(f"FID vs CIFAR-10 train ({len(images)} samples): {compute_fid(images, args.data_dir, device):.2f}")
+        print(f"FID vs CIFAR-10 train ({len(images)} samples): {compute_fid(images, reference, device):.2f}")
 
 
 if __name__ == "__main__":

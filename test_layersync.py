@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 import layersync as L
 
+# tiny models run many times slower when torch's threads outnumber free cores (CI shares 2)
+torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -458,7 +460,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(image_folder, tmp_path):
     assert steps == [3, 5, 6, 9, 10]  # resumed rows follow on, none repeated
 
 
-@pytest.mark.parametrize("crash", [OSError("disk full"), KeyboardInterrupt()])
+@pytest.mark.parametrize("crash", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_crash_while_saving_keeps_the_old_checkpoint(image_folder, tmp_path, monkeypatch, crash):
     out = tmp_path / "run"
     train(image_folder, out, "--steps", "2")
@@ -468,8 +470,11 @@ def test_crash_while_saving_keeps_the_old_checkpoint(image_folder, tmp_path, mon
         f.write(b"half a checkpoint")
         raise crash
     monkeypatch.setattr(train_cifar.torch, "save", broken_save)
-    with pytest.raises(type(crash)):
+    with pytest.raises(SystemExit if isinstance(crash, OSError) else KeyboardInterrupt) as error:
         train(image_folder, out, "--steps", "4", "--resume")
+    if isinstance(crash, OSError):  # a full disk: one line that says the old checkpoint is intact
+        message = str(error.value.code)
+        assert "No space left" in message and "intact" in message and "\n" not in message
     monkeypatch.undo()
     assert (out / "last.pt").read_bytes() == before
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
@@ -505,7 +510,9 @@ def test_ctrl_c_finishes_the_step_saves_and_stops(image_folder, tmp_path, monkey
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
         return real_loss(*args, **kwargs)
     monkeypatch.setattr(train_cifar, "training_loss", interrupted)
-    train(image_folder, tmp_path / "run", "--steps", "10", "--ckpt-every", "100")
+    with pytest.raises(SystemExit) as error:
+        train(image_folder, tmp_path / "run", "--steps", "10", "--ckpt-every", "100")
+    assert error.value.code == 128 + signal.SIGINT  # interrupted, not finished
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
 
@@ -636,3 +643,223 @@ def test_bench_times_baseline_and_layersync(capsys):
     assert set(times) == {"baseline", "layersync"} and all(t > 0 for t in times.values())
     printed = capsys.readouterr().out
     assert "img/s" in printed and "LayerSync / baseline step time" in printed
+
+
+# ================================================================ bad input is refused before any work
+
+def run_cli(script, *args, timeout=120, **popen):
+    """The script as a user runs it, one thread (as in this process, so results compare bit for bit)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, **popen)
+
+
+def assert_one_line_error(result, *fragments):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if data is read or sampling starts: refusals must come before both."""
+    def forbidden(*_, **__):
+        raise AssertionError("work started before the input was checked")
+    monkeypatch.setattr(train_cifar, "load_data", forbidden)
+    monkeypatch.setattr(sample_script, "generate", forbidden)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--grad-clip", "-1", "[0, inf)"), ("--ema-decay", "1", "[0, 1)"), ("--ema-decay", "-0.5", "[0, 1)"),
+    ("--layersync-weight", "-0.2", "[0, inf)"), ("--layersync-weight", "nan", "finite"),
+    ("--lr", "inf", "(0, inf)"), ("--lr", "0", "(0, inf)"), ("--weight-decay", "-1", "[0, inf)"),
+    ("--batch-size", "0", "[1, inf)"), ("--steps", "0", "[1, inf)"), ("--log-every", "0", "[1, inf)"),
+    ("--sample-every", "-3", "[1, inf)"), ("--ckpt-every", "0", "[1, inf)"), ("--sample-steps", "0", "[1, inf)"),
+    ("--depth", "0", "[1, inf)"), ("--patch-size", "3", "divisible by patch_size 3"),
+    ("--num-heads", "5", "by num_heads 5"), ("--hidden-size", "30", "and 4"),
+    ("--device", "mps", "use cpu, cuda"), ("--device", "gpu0", "use cpu, cuda")])
+def test_bad_flag_is_one_line_before_any_work(image_folder, tmp_path, no_work, flag, value, message):
+    error = run_error(["--data", image_folder, "--out", str(tmp_path / "x"), *TINY, flag, value])
+    assert error.startswith("error: ") and "\n" not in error
+    assert (flag in error or flag == "--hidden-size" or "model" in error) and message in error, error
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_out_folder_is_refused_before_any_work(image_folder, tmp_path, no_work):
+    (tmp_path / "afile").write_text("")
+    assert "is a file" in run_error(["--data", image_folder, "--out", str(tmp_path / "afile"), *TINY])
+    error = run_error(["--data", image_folder, "--out", str(tmp_path / "afile" / "run"), *TINY])
+    assert "not a writable folder" in error
+
+
+def test_refusals_through_the_command_line(image_folder, tmp_path):
+    result = run_cli("train_cifar.py", "--data", image_folder, "--out", str(tmp_path / "x"), *TINY,
+                     "--grad-clip", "-1", cwd=tmp_path)
+    assert_one_line_error(result, "--grad-clip -1.0", "[0, inf)")
+    result = run_cli("train_cifar.py", "--data", image_folder, "--out", str(tmp_path / "x"), *TINY,
+                     "--device", "tpu", cwd=tmp_path)
+    assert_one_line_error(result, "--device tpu")
+    result = run_cli("sample.py", "--ckpt", "nope.pt", "--grid", str(tmp_path / "missing" / "g.png"), cwd=tmp_path)
+    assert_one_line_error(result, "--grid", "does not exist")
+
+
+def test_grad_clip_zero_means_no_clipping(image_folder, tmp_path):
+    common = ["--steps", "3", "--lr", "1e-2"]
+    weights = {}
+    for clip in ("0", "1e9", "1e-3"):
+        train(image_folder, tmp_path / clip, "--grad-clip", clip, *common)
+        weights[clip] = torch.load(tmp_path / clip / "last.pt", weights_only=True)["model"]
+    for name in weights["0"]:  # 0 = never clip: the same as a bound that is never reached
+        assert torch.equal(weights["0"][name], weights["1e9"][name]), name
+    assert any(not torch.equal(weights["0"][n], weights["1e-3"][n]) for n in weights["0"])
+    norms = [float(r["grad_norm"]) for r in csv.DictReader(open(tmp_path / "0" / "metrics.csv"))]
+    assert norms and all(n > 0 for n in norms)  # still measured
+
+
+def image_folder_with(tmp_path, images: dict):
+    """One class folder per image, {name.ext: PIL image}."""
+    for name, image in images.items():
+        folder = tmp_path / "modes" / name.split(".")[0]
+        os.makedirs(folder)
+        image.save(folder / name)
+    return str(tmp_path / "modes")
+
+
+def test_every_image_mode_reads_right(tmp_path):
+    grey16 = Image.fromarray(np.full((6, 6), 32768, dtype=np.uint16))  # mid-grey, 16 bits
+    assert grey16.mode.startswith("I")
+    transparent = Image.new("RGBA", (6, 6), (255, 0, 0, 0))  # red, but fully transparent
+    palette = Image.new("RGB", (6, 6), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE)
+    folder = image_folder_with(tmp_path, {
+        "a16.png": grey16, "b_rgba.png": transparent, "c_palette.png": palette,
+        "d_l.png": Image.new("L", (6, 6), 77), "e_bw.png": Image.new("1", (6, 6), 1),
+        "f_cmyk.jpg": Image.new("CMYK", (6, 6), (0, 0, 0, 0)), "g_la.png": Image.new("LA", (6, 6), (40, 255))})
+    images, labels, classes = train_cifar.load_image_folder(folder, 4)
+    pixel = {name: images[labels == i][0, :, 0, 0].tolist() for i, name in enumerate(classes)}
+    assert pixel["a16"] == [128, 128, 128]  # 32768 / 257 = 127.5: mid-grey, not clipped to 255
+    assert pixel["b_rgba"] == [255, 255, 255]  # transparent over white, not the hidden red
+    assert pixel["c_palette"] == [10, 200, 30] and pixel["d_l"] == [77] * 3 and pixel["e_bw"] == [255] * 3
+    assert pixel["f_cmyk"] == [255, 255, 255] and pixel["g_la"] == [40] * 3
+
+
+def test_unreadable_images_are_named(tmp_path, no_work):
+    png = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(png)
+    folder = tmp_path / "data" / "cls"
+    os.makedirs(folder)
+    (folder / "cut.png").write_bytes(png.read_bytes()[:300])  # a truncated download
+    error = run_error([str(folder.parent), "8"], lambda a: train_cifar.load_image_folder(*a[:1], int(a[1])))
+    assert "cut.png" in error and "sub-folder" not in error and "\n" not in error
+    os.remove(folder / "cut.png")
+    Image.fromarray(np.ones((4, 4), dtype=np.float32)).save(folder / "float.tif")
+    error = run_error([str(folder.parent), "8"], lambda a: train_cifar.load_image_folder(*a[:1], int(a[1])))
+    assert "float.tif" in error and "8- or 16-bit" in error
+
+
+def test_sample_checks_its_outputs_before_sampling(image_folder, tmp_path, monkeypatch):
+    train(image_folder, tmp_path / "run", "--steps", "1")
+    ckpt = str(tmp_path / "run" / "last.pt")
+    monkeypatch.setattr(sample_script, "generate", lambda *a: pytest.fail("sampled before checking"))
+    base = ["--ckpt", ckpt, "--device", "cpu"]
+    assert "must end with .npz" in run_error([*base, "--npz", str(tmp_path / "s.np")], sample_script.main)
+    assert ".png or .jpg" in run_error([*base, "--grid", str(tmp_path / "g.gif")], sample_script.main)
+    assert "does not exist" in run_error([*base, "--grid", str(tmp_path / "no" / "g.png")], sample_script.main)
+    assert "--steps 0" in run_error([*base, "--grid", str(tmp_path / "g.png"), "--steps", "0"], sample_script.main)
+    assert "finite" in run_error([*base, "--grid", str(tmp_path / "g.png"), "--cfg-scale", "nan"], sample_script.main)
+    assert "--device" in run_error([*base, "--grid", str(tmp_path / "g.png"), "--device", "xla"], sample_script.main)
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    assert "pip install torch-fidelity" in run_error([*base, "--fid"], sample_script.main)
+
+
+def test_sigterm_saves_and_resumes_bit_identical(image_folder, tmp_path):
+    """What SLURM sends before it preempts: finish the step, save, exit 143, resume exactly."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    common = ["--log-every", "1", "--sample-every", "10000", "--ckpt-every", "10000"]
+    cmd = [sys.executable, os.path.join(HERE, "train_cifar.py"), "--data", image_folder, "--out", str(out),
+           *TINY, "--steps", "10000", *common]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.csv").exists() and len(open(out / "metrics.csv").readlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted by SIGTERM" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    stopped = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert 2 <= stopped < 10000
+    train(image_folder, out, "--steps", str(stopped + 3), "--resume", *common)
+    train(image_folder, tmp_path / "straight", "--steps", str(stopped + 3), *common)
+    a = torch.load(out / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
+
+
+def test_library_refuses_its_traps():
+    model = tiny_sit(depth=4)
+    x, y = batch(model)
+    with pytest.raises(ValueError, match="plain baseline"):
+        L.training_loss(model, x, y, (), 0.2)  # the public code's trap: a weight but no pair
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        L.training_loss(model, x, y, [(1, 3)], float("nan"))
+    with pytest.raises(ValueError, match="empty"):
+        L.training_loss(model, x[:0], y[:0], [(1, 3)], 0.2)
+    torch.manual_seed(0)
+    plain = L.training_loss(model, x, y, [(1, 3)], 0.2)["loss"]
+    for pair in [(np.int64(1), np.int32(3)), (torch.tensor(1), torch.tensor(3)), [1, 3]]:
+        assert L.check_layersync_pairs([pair], 4) == [(1, 3)]
+        torch.manual_seed(0)
+        assert torch.equal(L.training_loss(model, x, y, [pair], 0.2)["loss"], plain)
+    for bad in [(1.0, 3), (torch.tensor(1.5), 3), "13"]:
+        with pytest.raises(ValueError, match="two block numbers"):
+            L.check_layersync_pairs([bad], 4)
+
+
+def test_resume_edge_cases(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(image_folder, out, "--steps", "2", "--log-every", "1")
+    # the same folder spelled relative to another working directory is the same data
+    monkeypatch.chdir(os.path.dirname(image_folder))
+    with open(out / "metrics.csv", "a") as f:
+        f.write("garbage,row\n3,not,a,number\n")  # a hand edit, a line cut by kill -9
+    train(os.path.basename(image_folder), out, "--steps", "3", "--resume", "--log-every", "1")
+    assert [r["step"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["1", "2", "3"]
+    # renamed class folders would shift every label: refused
+    os.rename(os.path.join(image_folder, "class2"), os.path.join(image_folder, "zebra"))
+    error = run_error(["--data", image_folder, "--out", str(out), *TINY, "--steps", "4", "--resume"])
+    assert "classes:" in error and "zebra" in error and "\n" not in error
+    # a dict that is not ours
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, out / "last.pt")
+    for argv, fn in ((["--data", image_folder, "--out", str(out), *TINY, "--resume"], train_cifar.main),
+                     (["--ckpt", str(out / "last.pt"), "--grid", "g.png"], sample_script.main)):
+        error = run_error(argv, fn)
+        assert "not a train_cifar.py checkpoint" in error and "state_dict" in error and "\n" not in error
+
+
+def test_one_block_baseline_trains_and_one_block_layersync_is_refused(image_folder, tmp_path, capsys):
+    train(image_folder, tmp_path / "one", "--depth", "1", "--layersync-weight", "0", "--steps", "2")
+    ckpt = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    assert ckpt["config"]["model"]["depth"] == 1 and ckpt["config"]["layersync_pairs"] == []
+    error = run_error(["--data", image_folder, "--out", str(tmp_path / "two"), *TINY, "--depth", "1"])
+    assert "at least 2 blocks" in error and "--layersync-weight 0" in error
+
+
+def test_flips_are_a_choice_recorded_and_shown(image_folder, tmp_path, capsys):
+    images = torch.zeros(8, 3, 2, 2, dtype=torch.uint8)
+    images[:, :, :, 1] = 255
+    for hflip, expect_flips in ((False, False), (True, True)):
+        batches = train_cifar.DeviceBatches(images, torch.zeros(8, dtype=torch.long), 8, 0, "cpu", hflip)
+        flipped = (batches.next()[0][:, 0, 0, 0] > 0).any().item()
+        assert flipped == expect_flips
+    train(image_folder, tmp_path / "run", "--steps", "1", "--no-hflip")
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"]["hflip"] is False
+    banner = capsys.readouterr().out
+    assert "flips off" in banner
+    assert "SiT-S/4 changed by --depth --hidden-size --num-heads: depth 3, width 32, 2 heads, patch 4" in banner

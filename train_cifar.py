@@ -11,6 +11,7 @@ class) and last.pt (model, EMA, optimizer, step, config, RNG states); --resume c
 import argparse
 import copy
 import csv
+import math
 import os
 import signal
 import sys
@@ -40,6 +41,8 @@ def parse_args(argv=None):
     d.add_argument("--data", default="cifar10", help="'cifar10' or a folder with one sub-folder per class")
     d.add_argument("--data-dir", default="./data", help="where CIFAR-10 is (or is downloaded to)")
     d.add_argument("--image-size", type=int, default=32, help="image folders are resized and centre-cropped to it")
+    d.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flips (right for CIFAR-10; use --no-hflip where left and right matter)")
     m = p.add_argument_group("model")
     m.add_argument("--model", default="SiT-S/2", choices=sorted(SiT_models), help="SiT preset")
     m.add_argument("--depth", type=int, help="override the preset's number of blocks")
@@ -55,8 +58,8 @@ def parse_args(argv=None):
     o.add_argument("--batch-size", type=int, default=256)
     o.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    o.add_argument("--ema-decay", type=float, default=0.9999, help="reached after a warm-up")
+    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = no clipping")
+    o.add_argument("--ema-decay", type=float, default=0.9999, help="in [0, 1), reached after a warm-up")
     o.add_argument("--seed", type=int, default=0)
     h = p.add_argument_group("hardware")
     h.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -74,13 +77,68 @@ def parse_args(argv=None):
     b.add_argument("--bench-steps", type=int, default=50)
     b.add_argument("--bench-warmup", type=int, default=15)
     args = p.parse_args(argv)
+    check_args(args)
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.compile = args.device.startswith("cuda") and not args.no_compile
     return args
 
 
-def parse_pairs(text, depth: int) -> list:
+def check_range(args, name: str, low: float, high: float = math.inf, low_open=False, high_open=False):
+    """One-line refusal unless `low <= --name <= high` (ends excluded when *_open) and finite."""
+    value = getattr(args, name)
+    inside = (math.isfinite(value) and (value > low if low_open else value >= low)
+              and (value < high if high_open else value <= high))
+    if not inside:
+        left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+        fail(f"--{name.replace('_', '-')} {value}: must be a finite number in {left}{low}, {high}{right}")
+
+
+def check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        fail(f"--device {name}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name} but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def check_args(args):
+    """Everything a flag can get wrong, refused in one line before any data is read."""
+    for name in ("steps", "batch_size", "log_every", "sample_every", "sample_steps", "ckpt_every",
+                 "image_size", "bench_steps", "depth", "hidden_size", "num_heads", "patch_size"):
+        if getattr(args, name) is not None:
+            check_range(args, name, 1)
+    check_range(args, "bench_warmup", 0)
+    check_range(args, "lr", 0, low_open=True)
+    check_range(args, "weight_decay", 0)
+    check_range(args, "grad_clip", 0)  # 0 turns clipping off (as in nanoGPT); < 0 would flip gradients
+    check_range(args, "ema_decay", 0, 1, high_open=True)
+    check_range(args, "layersync_weight", 0)
+    check_device(args.device)
+    try:  # the model's own shape rules (patch divides image, heads divide width), on the meta device
+        with torch.device("meta"):
+            SiT(**model_config(args, num_classes=1))
+    except ValueError as error:
+        fail(f"--model {args.model} with these overrides cannot be built: {error}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f"--out {args.out} is a file; give a folder")
+    parent = os.path.abspath(args.out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        fail(f"--out {args.out}: {parent} is not a writable folder")
+
+
+def parse_pairs(text, depth: int, weight: float) -> list:
     """'3:7,2:9' -> [(3, 7), (2, 9)], validated against the depth (one-line error otherwise)."""
+    if depth < 2:  # a 1-block baseline is fine; LayerSync needs a student and a teacher block
+        if weight == 0 and text is None:
+            return []
+        fail(f"LayerSync needs at least 2 blocks (--depth {depth}); use --layersync-weight 0 "
+             f"without --layersync-pairs to train a {depth}-block baseline")
     if text is None:
         return [default_layersync_pair(depth)]
     pairs = []
@@ -121,17 +179,47 @@ def load_cifar10(data_dir: str):
     return images, torch.tensor(data.targets), data.classes
 
 
+def pil_to_rgb8(image, path: str):
+    """Any image Pillow opens, as 8-bit RGB. Pillow's own convert("RGB") clips 16-bit values to
+    255 (a mid-grey 16-bit PNG turns white), so deep grey levels are rescaled here instead."""
+    import numpy as np
+    from PIL import Image
+    if image.mode.startswith("I"):  # I;16* (16-bit PNG/TIFF) or I (how older Pillows open them)
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            fail(f"{path}: 32-bit integer pixels outside 0..65535; save it as an 8- or 16-bit image")
+        image = Image.fromarray(np.round(values / 257.0).astype(np.uint8), "L")  # 65535 -> 255
+    elif image.mode == "F":
+        fail(f"{path}: floating-point pixels have no fixed range; save it as an 8- or 16-bit image")
+    elif image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        # transparent pixels become white, as on a page, not the arbitrary colour hidden under alpha
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def read_image(path: str):
+    """ImageFolder's loader: decode fully now, so a corrupt or truncated file is named here."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return pil_to_rgb8(image, path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        fail(f"cannot read image {path} ({type(error).__name__}: {error}); fix or remove that file")
+
+
 def load_image_folder(path: str, size: int):
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
     if not os.path.isdir(path):
         fail(f"--data {path}: no such folder; give 'cifar10' or a folder with one sub-folder of images per class")
     resize = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
-    try:  # an empty folder, or an unreadable image (PIL's errors are OSErrors too)
-        data = ImageFolder(path, transform=resize)
-        images = torch.stack([image for image, _ in tqdm(data, desc="decoding images", leave=False)])
-    except OSError as error:
+    try:  # an empty folder or one without class sub-folders
+        data = ImageFolder(path, transform=resize, loader=read_image)
+    except (OSError, ValueError) as error:
         fail(f"--data {path}: {error}; it needs one sub-folder per class with images in it")
+    images = torch.stack([image for image, _ in tqdm(data, desc="decoding images", leave=False)])
     return images, torch.tensor(data.targets), data.classes
 
 
@@ -150,11 +238,11 @@ class DeviceBatches:
     microseconds. Epoch order and flips come from a CPU generator whose state is checkpointed.
     """
 
-    def __init__(self, images, labels, batch_size: int, seed: int, device):
+    def __init__(self, images, labels, batch_size: int, seed: int, device, hflip: bool = True):
         if len(images) < batch_size:
             fail(f"the dataset has {len(images)} images, fewer than --batch-size {batch_size}")
         self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size, self.device = batch_size, device
+        self.batch_size, self.device, self.hflip = batch_size, device, hflip
         self.generator = torch.Generator().manual_seed(seed)
         self.new_epoch()
 
@@ -162,7 +250,9 @@ class DeviceBatches:
         self.epoch_start = self.generator.get_state()  # enough to redraw this epoch on resume
         n = len(self.images)
         self.order = torch.randperm(n, generator=self.generator).to(self.device)
-        self.flip = (torch.rand(n, generator=self.generator) < 0.5).to(self.device)
+        # the coins are drawn even without flips, so --no-hflip keeps the same image order
+        coins = torch.rand(n, generator=self.generator) < 0.5
+        self.flip = (coins & self.hflip).to(self.device)
         self.position = 0
 
     def next(self):
@@ -200,7 +290,8 @@ def train_step(args, forward, optimizer, ema_params, x, y, step, pairs, weight):
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     params = optimizer.param_groups[0]["params"]  # the model's parameters, listed once already
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    # --grad-clip 0: no clipping, but the norm is still measured for metrics.csv
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)
     optimizer.step()
     update_ema(ema_params, params, step, args.ema_decay)
     return losses, grad_norm
@@ -217,10 +308,8 @@ def build(args, config, device):
 
 
 def setup_device(args):
-    device = torch.device(args.device)
+    device = check_device(args.device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            fail("--device cuda but no CUDA GPU is visible; use --device cpu")
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever still runs in fp32
         torch.backends.cudnn.allow_tf32 = True
     return device
@@ -243,13 +332,23 @@ def save_checkpoint(path: str, state: dict):
         raise
 
 
+CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config", "rng"}
+
+
 def load_checkpoint(path: str) -> dict:
+    """A train_cifar.py checkpoint, or a one-line error saying why it is not one."""
     try:  # weights_only: a checkpoint is data and is never allowed to run code
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         fail(f"no checkpoint at {path}")
     except Exception as error:
         fail(f"cannot read checkpoint {path} ({type(error).__name__}: {error})")
+    if not (isinstance(checkpoint, dict) and CHECKPOINT_KEYS <= checkpoint.keys()
+            and isinstance(checkpoint["config"], dict) and "model" in checkpoint["config"]):
+        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        fail(f"{path} is not a train_cifar.py checkpoint (expected the keys {sorted(CHECKPOINT_KEYS)}, "
+             f"found {found})")
+    return checkpoint
 
 
 def rng_state(device, batches) -> dict:
@@ -267,11 +366,15 @@ def restore_rng(state: dict, device, batches):
 
 
 def check_resume_config(old: dict, new: dict, path: str):
-    if old["model"] != new["model"] or old["data"] != new["data"]:
+    """Model, data and class list must match (labels would shift otherwise); the rest may change."""
+    same_classes = old.get("classes") == new["classes"]
+    if old["model"] != new["model"] or old["data"] != new["data"] or not same_classes:
         diff = [f"{k}: {old['model'].get(k)} in the checkpoint, {new['model'].get(k)} now"
                 for k in sorted(set(old["model"]) | set(new["model"])) if old["model"].get(k) != new["model"].get(k)]
         if old["data"] != new["data"]:
             diff.append(f"data: {old['data']} in the checkpoint, {new['data']} now")
+        if not same_classes:
+            diff.append(f"classes: {old.get('classes')} in the checkpoint, {new['classes']} now")
         fail(f"{path} belongs to another configuration ({'; '.join(diff)}); "
              f"resume with the same model and data flags, or start a new run in another --out")
     changed = [f"{k} {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k]]
@@ -284,12 +387,31 @@ def check_resume_config(old: dict, new: dict, path: str):
 CSV_FIELDS = ["step", "loss", "fm", "layersync", "grad_norm", "img_per_s", "elapsed_s"]
 
 
-def open_metrics(path: str, resume_step: int):
-    """metrics.csv, keeping only rows up to the step a resumed run restarts from."""
-    rows = []
+def read_csv_rows(path: str, fields: list, resume_step: int, key=("step",)) -> list:
+    """The rows of a CSV up to `resume_step`, one per `key`; unreadable rows (a line cut by a
+    kill, a hand edit) are dropped with a note instead of stopping the resume."""
+    rows, seen, dropped = [], set(), 0
     if resume_step and os.path.exists(path):
         with open(path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
+            for row in csv.DictReader(f):
+                try:
+                    step = int(row["step"])
+                    values = [float(row[name]) for name in fields if name != "step"]
+                except (TypeError, ValueError, KeyError):
+                    dropped += 1
+                    continue
+                ident = tuple(row[k] for k in key)
+                if step <= resume_step and ident not in seen:
+                    seen.add(ident)
+                    rows.append({name: row[name] for name in fields})
+        if dropped:
+            print(f"{path}: dropped {dropped} unreadable row(s)")
+    return rows
+
+
+def open_metrics(path: str, resume_step: int):
+    """metrics.csv, keeping only rows up to the step a resumed run restarts from."""
+    rows = read_csv_rows(path, CSV_FIELDS, resume_step)
     f = open(path, "w", newline="")
     writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
     writer.writeheader()
@@ -317,10 +439,43 @@ def save_grid(ema, grid, path, steps, precision):
 
 # ------------------------------------------------------------------ training
 
+def data_identity(data: str) -> str:
+    """'cifar10', or the folder's resolved path: ./imgs and /home/me/imgs are the same data."""
+    return data if data == "cifar10" else os.path.realpath(data)
+
+
+def describe_model(args, config: dict) -> str:
+    """The model that actually runs: the preset's name, which flags changed it, and its shape."""
+    preset = SiT_models[args.model].keywords
+    changed = [f"--{k.replace('_', '-')}" for k in ("depth", "hidden_size", "num_heads", "patch_size")
+               if config[k] != preset[k]]
+    shape = (f"depth {config['depth']}, width {config['hidden_size']}, {config['num_heads']} heads, "
+             f"patch {config['patch_size']}, {config['input_size']}x{config['input_size']} images")
+    return f"{args.model}{' changed by ' + ' '.join(changed) if changed else ''}: {shape}"
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (SLURM and most schedulers) finish the step, save and stop.
+
+    A second signal of the same kind acts at once, with the default behaviour."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, _frame):
+        self.received = self.received or signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def train(args):
     device = setup_device(args)
     depth = args.depth or SiT_models[args.model].keywords["depth"]
-    pairs = parse_pairs(args.layersync_pairs, depth)  # bad pairs stop before any work
+    pairs = parse_pairs(args.layersync_pairs, depth, args.layersync_weight)  # bad pairs stop before any work
     ckpt_path = os.path.join(args.out, "last.pt")
     checkpoint = None
     if args.resume:
@@ -332,17 +487,20 @@ def train(args):
         fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
 
     images, labels, classes = load_data(args)
-    config = {"model": model_config(args, len(classes)), "data": args.data, "classes": list(classes),
+    config = {"model": model_config(args, len(classes)), "data": data_identity(args.data),
+              "classes": list(classes), "hflip": args.hflip,
               "layersync_pairs": [list(p) for p in pairs], "layersync_weight": args.layersync_weight,
               "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
               "grad_clip": args.grad_clip, "ema_decay": args.ema_decay, "seed": args.seed,
               "precision": args.precision}
+    if checkpoint is not None:  # before building anything: a mismatch costs no time
+        checkpoint["config"]["data"] = data_identity(checkpoint["config"]["data"])
+        check_resume_config(checkpoint["config"], config, ckpt_path)
     os.makedirs(args.out, exist_ok=True)
     model, ema, optimizer, forward = build(args, config["model"], device)
-    batches = DeviceBatches(images, labels, args.batch_size, args.seed, device)
+    batches = DeviceBatches(images, labels, args.batch_size, args.seed, device, args.hflip)
     step = 0
     if checkpoint is not None:
-        check_resume_config(checkpoint["config"], config, ckpt_path)
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -350,9 +508,10 @@ def train(args):
             group["lr"] = args.lr
         step = checkpoint["step"]
         restore_rng(checkpoint["rng"], device, batches)
-    print(f"{args.model} {sum(p.numel() for p in model.parameters()):,} parameters, depth {len(model.blocks)}, "
+    print(f"{describe_model(args, config['model'])}, {sum(p.numel() for p in model.parameters()):,} parameters; "
           f"LayerSync {'off (baseline)' if args.layersync_weight == 0 else f'lambda {args.layersync_weight}'}, "
-          f"pairs {pairs}, {len(images)} images in {len(classes)} classes, {device} {args.precision}")
+          f"pairs {pairs}; {len(images)} images in {len(classes)} classes, flips {'on' if args.hflip else 'off'}; "
+          f"{device} {args.precision}")
 
     metrics_file, metrics = open_metrics(os.path.join(args.out, "metrics.csv"), step)
     grid = fixed_grid_inputs(config["model"], device)
@@ -360,9 +519,13 @@ def train(args):
 
     def save():
         check_finite()
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "step": step,
-                                    "config": config, "rng": rng_state(device, batches)})
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                 "step": step, "config": config, "rng": rng_state(device, batches)}
+        try:
+            save_checkpoint(ckpt_path, state)
+        except OSError as error:  # a full disk, a quota, a vanished mount
+            fail(f"could not write {ckpt_path} at step {step} ({error}); the previous checkpoint "
+                 f"there is intact. Free some space and rerun with --resume.")
 
     first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss
 
@@ -372,13 +535,7 @@ def train(args):
             fail(f"the loss became non-finite at step {bad}; stopped without saving, so {ckpt_path} "
                  f"keeps the last good state. Try a lower --lr, --precision fp32 or a smaller --grad-clip.")
 
-    interrupted = []
-
-    def on_interrupt(*_):
-        interrupted.append(True)  # finish the step, save, stop; a second Ctrl-C stops at once
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
-
+    stop = StopSignals()
     totals = torch.zeros(4, device=device)  # loss, fm, layersync, grad norm since the last log
     last_log_step, last_log_time, start = step, time.perf_counter(), time.perf_counter()
     bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
@@ -404,21 +561,28 @@ def train(args):
                 totals.zero_()
                 last_log_step, last_log_time = step, now
             pause = time.perf_counter()
+            # the checkpoint first: nothing that follows it can lose the run
+            if step % args.ckpt_every == 0 or step == args.steps or stop.received:
+                save()
             if step % args.sample_every == 0 or step == args.steps:
                 check_finite()
-                save_grid(ema, grid, os.path.join(args.out, f"samples_{step:07d}.png"),
-                          args.sample_steps, args.precision)
-            if step % args.ckpt_every == 0 or step == args.steps or interrupted:
-                save()
+                path = os.path.join(args.out, f"samples_{step:07d}.png")
+                try:
+                    save_grid(ema, grid, path, args.sample_steps, args.precision)
+                except OSError as error:  # a grid is worth a warning, never the run
+                    print(f"\nwarning: could not write {path} ({error})")
             last_log_time += time.perf_counter() - pause  # img_per_s counts training time only
-            if interrupted:
-                print(f"\ninterrupted: saved step {step} to {ckpt_path}; --resume continues")
+            if stop.received:
                 break
     finally:
         bar.close()
         metrics_file.close()
-        signal.signal(signal.SIGINT, previous_handler)
-
+        stop.restore()
+    if stop.received:
+        name = signal.Signals(stop.received).name
+        print(f"interrupted by {name}: saved step {step} of {args.steps} to {ckpt_path}; "
+              f"rerun the same command with --resume to continue", file=sys.stderr)
+        raise SystemExit(128 + stop.received)  # the shell's code for "killed by this signal"
 
 
 # ------------------------------------------------------------------ benchmark
@@ -435,8 +599,8 @@ def bench(args):
     """Time training steps on synthetic data: the SiT baseline, then LayerSync, in one process."""
     device = setup_device(args)
     config = model_config(args, num_classes=10)
-    pairs = parse_pairs(args.layersync_pairs, config["depth"])
     weight = args.layersync_weight or 0.2
+    pairs = parse_pairs(args.layersync_pairs, config["depth"], weight)
     train_flops = 3 * 2 * forward_macs_per_image(config)  # backward = 2x forward; 2 FLOPs per MAC
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
