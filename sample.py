@@ -1,13 +1,18 @@
-"""Sample from a train_cifar.py checkpoint: a PNG grid, an ADM-format .npz, and optionally FID.
+"""Sample from a train_cifar.py checkpoint (PNG grid, ADM-format .npz, FID), probe its blocks,
+or compare several runs in one figure.
 
     python sample.py --ckpt runs/layersync/last.pt --grid grid.png
     python sample.py --ckpt runs/layersync/last.pt --n 10000 --npz samples.npz --fid
+    python sample.py --ckpt runs/layersync/last.pt --probe             # per-block linear probe
+    python sample.py --compare runs/baseline runs/layersync --figure compare.png
 
 The checkpoint's config rebuilds the model, so no model flags are needed. Labels are balanced
 over the classes (i % num_classes) unless --class-label fixes one.
 """
 
 import argparse
+import csv
+import glob
 import math
 import os
 import sys
@@ -17,12 +22,13 @@ import torch
 from tqdm import tqdm
 
 from layersync import SiT, guided_velocity, sample
-from train_cifar import check_device, fail, load_checkpoint, load_cifar10
+from train_cifar import (CSV_PROBE_FIELDS, check_device, csv_row, fail, load_checkpoint, load_cifar10,
+                         load_image_folder, null_label, parse_probe_t, probe_split, run_probe)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a last.pt written by train_cifar.py")
+    p.add_argument("--ckpt", help="a last.pt written by train_cifar.py")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--method", choices=["heun", "euler"], default="heun")
     p.add_argument("--steps", type=int, default=50, help="ODE steps (Heun: 2 evaluations each)")
@@ -35,10 +41,23 @@ def parse_args(argv=None):
     p.add_argument("--grid", help="write a PNG grid here")
     p.add_argument("--npz", help="write arr_0 (uint8 N,H,W,3) and arr_1 (labels) here, the ADM format")
     p.add_argument("--fid", action="store_true", help="FID against the CIFAR-10 training set (needs torch-fidelity)")
-    p.add_argument("--data-dir", default="./data", help="where CIFAR-10 is, for --fid")
+    p.add_argument("--data-dir", default="./data", help="where CIFAR-10 is, for --fid and --probe")
+    p.add_argument("--probe", action="store_true", help="linear probe of every block: print a table, write a CSV")
+    p.add_argument("--probe-t", default="1.0,0.5", help="noise levels of the probe (t = 1 is clean data)")
+    p.add_argument("--probe-csv", help="where --probe writes its rows (default: probe_<step>.csv beside --ckpt)")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="run folders of train_cifar.py to compare")
+    p.add_argument("--figure", default="compare.png", help="the PNG that --compare writes")
     args = p.parse_args(argv)
-    if not (args.grid or args.npz or args.fid):
-        p.error("nothing to write: give --grid PATH, --npz PATH and/or --fid")
+    if args.compare:
+        if args.ckpt:
+            p.error("--compare reads run folders; give it without --ckpt")
+        check_output_path("--figure", args.figure, (".png",))
+        return args
+    if not args.ckpt:
+        p.error("give --ckpt PATH (or --compare RUN ...)")
+    if not (args.grid or args.npz or args.fid or args.probe):
+        p.error("nothing to write: give --grid PATH, --npz PATH, --fid and/or --probe")
+    args.probe_t = parse_probe_t(args.probe_t)
     check_args(args)
     return args
 
@@ -65,6 +84,8 @@ def check_args(args):
         check_output_path("--grid", args.grid, (".png", ".jpg", ".jpeg"))
     if args.npz:  # numpy would silently append .npz to any other name
         check_output_path("--npz", args.npz, (".npz",))
+    if args.probe_csv:
+        check_output_path("--probe-csv", args.probe_csv, (".csv",))
 
 
 def load_model(args, device):
@@ -135,10 +156,186 @@ def compute_fid(images: torch.Tensor, reference, device) -> float:
     return metrics["frechet_inception_distance"]
 
 
+# ------------------------------------------------------------------ the probe of one checkpoint
+
+def probe_checkpoint(args, model, config: dict, step: int):
+    """Every block's probe accuracy on the checkpoint's own data, as a table and a CSV."""
+    try:
+        null_label(model)
+    except ValueError as error:
+        fail(f"--probe: {error}")
+    if config["data"] == "cifar10":
+        images, labels, _ = load_cifar10(args.data_dir)
+    else:
+        images, labels, _ = load_image_folder(config["data"], config["model"]["input_size"])
+    split = probe_split(config["data"], args.data_dir, images, labels)
+    pairs = config.get("layersync_pairs") or []
+    teacher = pairs[0][1] if pairs else None
+    rows = run_probe(model, split, args.probe_t, teacher)
+    role = {k: "student" for k, _ in pairs} | {kk: "teacher" for _, kk in pairs}
+    print(f"probe of {args.ckpt} at step {step} ({'raw' if args.no_ema else 'EMA'} weights), {split[4]}; "
+          f"chance {100 / model.num_classes:.1f}%")
+    print(f"{'block':>9} " + " ".join(f"{f't={t:g}':>8}" for t in args.probe_t)
+          + (f"  cos to block {teacher} (t={args.probe_t[0]:g})" if teacher else ""))
+    for k in range(1, len(model.blocks) + 1):
+        acc = [next(r["accuracy"] for r in rows if r["t"] == t and r["block"] == k) for t in args.probe_t]
+        cosine = next(r["teacher_cosine"] for r in rows if r["block"] == k)
+        print(f"{role.get(k, ''):>7} {k:>2} " + " ".join(f"{100 * a:>7.1f}%" for a in acc)
+              + (f"  {cosine:>8.3f}" if teacher else ""))
+    path = args.probe_csv or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"probe_{step:07d}.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_PROBE_FIELDS)
+        writer.writeheader()
+        writer.writerows(csv_row({"step": step, **row}) for row in rows)
+    print(f"probe rows: {path}")
+
+
+# ------------------------------------------------------------------ comparing runs
+
+def read_run(folder: str) -> dict:
+    """What the comparison needs from a train_cifar.py run folder."""
+    metrics_path, ckpt_path = os.path.join(folder, "metrics.csv"), os.path.join(folder, "last.pt")
+    if not (os.path.isfile(metrics_path) and os.path.isfile(ckpt_path)):
+        fail(f"--compare {folder}: not a train_cifar.py run folder (it needs metrics.csv and last.pt)")
+    with open(metrics_path, newline="") as f:
+        metrics = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    probe = []
+    if os.path.isfile(os.path.join(folder, "probe.csv")):
+        with open(os.path.join(folder, "probe.csv"), newline="") as f:
+            probe = [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
+    config = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["config"]
+    pairs = config.get("layersync_pairs") or [[None, None]]
+    weight = config["layersync_weight"]
+    grids = sorted(glob.glob(os.path.join(folder, "samples_*.png")))
+    name = os.path.basename(os.path.normpath(folder))
+    return {"name": name, "label": f"{name} ({'baseline' if weight == 0 else f'LayerSync lambda {weight:g}'})",
+            "metrics": metrics, "probe": probe, "student": pairs[0][0], "teacher": pairs[0][1],
+            "num_classes": config["model"]["num_classes"], "grid": grids[-1] if grids else None}
+
+
+def last_probe(run: dict) -> tuple:
+    """(step, {t: {block: accuracy}}) at the run's last probed step; (None, {}) without a probe."""
+    if not run["probe"]:
+        return None, {}
+    step = max(row["step"] for row in run["probe"])
+    table = {}
+    for row in run["probe"]:
+        if row["step"] == step:
+            table.setdefault(row["t"], {})[int(row["block"])] = row["accuracy"]
+    return int(step), table
+
+
+def compare_table(runs: list) -> str:
+    """The figure's numbers as text: the last logged losses, then each block's last probe accuracy."""
+    lines = [f"{'run':<40} {'step':>7} {'fm':>8} {'layersync':>10} {'student':>8} {'teacher':>8}"]
+    for run in runs:
+        last = run["metrics"][-1] if run["metrics"] else {}
+        lines.append(f"{run['label']:<40} {last.get('step', 0):>7.0f} {last.get('fm', math.nan):>8.4f} "
+                     f"{last.get('layersync', math.nan):>10.4f} {run['student']!s:>8} {run['teacher']!s:>8}")
+    probes = [(run, *last_probe(run)) for run in runs]
+    for t in sorted({t for _, _, table in probes for t in table}, reverse=True):
+        lines.append(f"probe accuracy (%) per block, t={t:g}, at each run's last probed step:")
+        depth = max(max(table[t]) for _, _, table in probes if t in table)
+        lines.append(f"{'block':>6} " + " ".join(f"{run['name'][:14]:>14}" for run, _, _ in probes))
+        for k in range(1, depth + 1):
+            cells = []
+            for run, _, table in probes:
+                acc = table.get(t, {}).get(k)
+                mark = "s" if k == run["student"] else "t" if k == run["teacher"] else " "
+                cells.append(f"{'-' if acc is None else f'{100 * acc:.1f}'}{mark}".rjust(14))
+            lines.append(f"{k:>6} " + " ".join(cells))
+    lines.append("(s = LayerSync student block, t = teacher block)")
+    return "\n".join(lines)
+
+
+def compare_figure(runs: list, path: str):
+    """Four panels: (a) losses, (b) probe accuracy per block, (c) the student block's accuracy
+    over training, (d) the last sample grids."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    fig = plt.figure(figsize=(14, 10), layout="constrained")
+    grid = fig.add_gridspec(2, 2)
+    ax_loss, ax_block, ax_student = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, 0])
+    ax_sync = ax_loss.twinx()
+    ts = sorted({row["t"] for run in runs for row in run["probe"]}, reverse=True)
+    for i, run in enumerate(runs):
+        colour = colours[i % len(colours)]
+        steps = [row["step"] for row in run["metrics"]]
+        ax_loss.plot(steps, [row["fm"] for row in run["metrics"]], color=colour, label=f"{run['label']}: fm (Eq. 1)")
+        ax_sync.plot(steps, [row["layersync"] for row in run["metrics"]], color=colour, linestyle="--",
+                     label=f"{run['label']}: LayerSync (Eq. 2)")
+        probe_step, table = last_probe(run)
+        for j, t in enumerate(ts):
+            if t not in table:
+                continue
+            blocks = sorted(table[t])
+            ax_block.plot(blocks, [100 * table[t][k] for k in blocks], color=colour, linestyle=styles[j % 4],
+                          marker=".", label=f"{run['label']}, t={t:g} (step {probe_step})")
+            for k, marker, role in ((run["student"], "v", "student"), (run["teacher"], "*", "teacher")):
+                if k in table[t]:
+                    ax_block.plot([k], [100 * table[t][k]], marker=marker, markersize=13, color=colour,
+                                  markeredgecolor="black", linestyle="none")
+            history = sorted((row["step"], row["accuracy"]) for row in run["probe"]
+                             if row["t"] == t and row["block"] == run["student"])
+            if history:
+                ax_student.plot([s for s, _ in history], [100 * a for _, a in history], color=colour,
+                                linestyle=styles[j % 4], marker="o", label=f"{run['label']}, t={t:g}")
+    ax_loss.set(title="(a) training losses", xlabel="step", ylabel="flow-matching loss (solid)")
+    ax_sync.set_ylabel("LayerSync term, -cosine (dashed)")
+    handles = ax_loss.get_legend_handles_labels()[0] + ax_sync.get_legend_handles_labels()[0]
+    ax_loss.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper right")
+    chance = 100 / runs[0]["num_classes"]
+    for ax in (ax_block, ax_student):
+        ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":")
+    ax_block.plot([], [], marker="v", color="grey", markeredgecolor="black", linestyle="none", label="student block")
+    ax_block.plot([], [], marker="*", color="grey", markeredgecolor="black", linestyle="none", label="teacher block")
+    ax_block.set(title="(b) linear probe per block, last probed step (dotted: chance)", xlabel="block",
+                 ylabel="probe top-1 accuracy (%)")
+    ax_block.xaxis.get_major_locator().set_params(integer=True)
+    ax_block.legend(fontsize=8)
+    ax_student.set(title="(c) the student block's probe accuracy over training", xlabel="step",
+                   ylabel="probe top-1 accuracy (%)")
+    ax_student.legend(fontsize=8)
+    pictures = grid[1, 1].subgridspec(1, len(runs))
+    for i, run in enumerate(runs):
+        ax = fig.add_subplot(pictures[0, i])
+        ax.axis("off")
+        if run["grid"]:
+            ax.imshow(Image.open(run["grid"]), interpolation="nearest")
+            ax.set_title(f"(d) {run['name']}\n{os.path.basename(run['grid'])}", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(args):
+    runs = [read_run(folder) for folder in args.compare]
+    print(compare_table(runs))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        fail("--compare: the figure needs the optional extra matplotlib: pip install matplotlib "
+             "(the same numbers are printed above)")
+    compare_figure(runs, args.figure)
+    print(f"figure: {args.figure}")
+
+
+# ------------------------------------------------------------------ main
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.compare:
+        return compare(args)
     device = check_device(args.device)
     model, config, step = load_model(args, device)
+    if args.probe:
+        probe_checkpoint(args, model, config, step)
+        if not (args.grid or args.npz or args.fid):
+            return
     num_classes = config["model"]["num_classes"]
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         fail(f"--class-label {args.class_label}: the model has classes 0..{num_classes - 1}")

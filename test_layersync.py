@@ -344,8 +344,9 @@ def test_guided_velocity_is_the_cfg_formula_in_one_forward():
 COLOURS = torch.tensor([[0.8, -0.8, -0.8], [-0.8, 0.8, -0.8], [-0.8, -0.8, 0.8], [0.5, 0.5, -0.5]])
 
 
-def test_tiny_sit_learns_class_colours():
-    """Each class is a flat colour plus noise; samples must come back in their class's colour."""
+@pytest.fixture(scope="module")
+def trained_colour_model():
+    """A 4-block SiT trained for 600 steps on 4 classes, each a flat colour plus noise."""
     torch.manual_seed(0)
     model = L.SiT(input_size=8, patch_size=4, in_channels=3, hidden_size=64, depth=4,
                   num_heads=4, num_classes=4)
@@ -357,7 +358,13 @@ def test_tiny_sit_learns_class_colours():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    return model.eval()
+
+
+def test_tiny_sit_learns_class_colours(trained_colour_model):
+    """Samples must come back in their class's colour."""
+    model = trained_colour_model
+    torch.manual_seed(1)
     y = torch.arange(4).repeat_interleave(32)
     images = L.sample(L.guided_velocity(model, y, 1.5), torch.randn(128, 3, 8, 8), steps=10)
     pixels = images.view(4, 32, 3, 64)
@@ -562,10 +569,10 @@ def write_fake_cifar10(root, per_batch=20):
     folder = os.path.join(root, "cifar-10-batches-py")
     os.makedirs(folder)
     rng = np.random.default_rng(0)
-    for i in range(1, 6):
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
         batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
                  "labels": [int(v) for v in rng.integers(0, 10, per_batch)]}
-        with open(os.path.join(folder, f"data_batch_{i}"), "wb") as f:
+        with open(os.path.join(folder, name), "wb") as f:
             pickle.dump(batch, f)
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
         pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
@@ -581,6 +588,8 @@ def test_trains_on_cifar10_format(tmp_path, monkeypatch):
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["config"]["model"]["num_classes"] == 10 and ckpt["config"]["classes"][9] == "truck"
     assert Image.open(out / "samples_0000002.png").size == (8 * 32 + 18, 10 * 32 + 22)
+    # the probe fits on the training split and scores on test_batch: 3 blocks x 2 noise levels
+    assert len(list(csv.DictReader(open(out / "probe.csv")))) == 6
 
 
 def test_device_batches_shuffle_flip_and_scale():
@@ -639,10 +648,12 @@ def test_sample_fid_without_torch_fidelity_says_what_to_install(image_folder, tm
 
 
 def test_bench_times_baseline_and_layersync(capsys):
-    times = train_cifar.main([*TINY, "--bench", "--bench-steps", "2", "--bench-warmup", "1"])
-    assert set(times) == {"baseline", "layersync"} and all(t > 0 for t in times.values())
+    times = train_cifar.main([*TINY, "--bench", "--bench-steps", "2", "--bench-warmup", "1", "--probe-every", "500"])
+    assert set(times) == {"baseline", "layersync", "probe_per_image"} and all(t > 0 for t in times.values())
     printed = capsys.readouterr().out
     assert "img/s" in printed and "LayerSync / baseline step time" in printed
+    share = 100 * 20_000 * times["probe_per_image"] / (500 * times["layersync"])  # the probe's cost arithmetic
+    assert f"every 500 steps would add {share:.2f}% to the training time" in printed
 
 
 # ================================================================ bad input is refused before any work
@@ -863,3 +874,111 @@ def test_flips_are_a_choice_recorded_and_shown(image_folder, tmp_path, capsys):
     banner = capsys.readouterr().out
     assert "flips off" in banner
     assert "SiT-S/4 changed by --depth --hidden-size --num-heads: depth 3, width 32, 2 heads, patch 4" in banner
+
+
+# ================================================================ the per-block linear probe
+
+def test_probe_reads_a_linear_label_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (1200,), generator=g)
+    noise = torch.randn(1200, 24, generator=g)
+    carrying = noise.clone()
+    carrying[:, :10] = F.one_hot(labels, 10)  # the class, exactly, in 10 of 24 dimensions; noise elsewhere
+    accuracy = train_cifar.ridge_probe_accuracy(carrying[:800], labels[:800], carrying[800:], labels[800:], 10)
+    assert accuracy == 1.0
+    chance = train_cifar.ridge_probe_accuracy(noise[:800], labels[:800], noise[800:], labels[800:], 10)
+    assert abs(chance - 0.1) < 0.06  # 400 scored samples: chance within about 3 sigma
+
+
+def test_probe_sees_the_null_label_only():
+    model = tiny_sit(depth=3).eval()
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    features, cosine = train_cifar.block_features(model, images, 0.5, teacher=3)
+    assert features.shape == (3, 5, 32) and cosine.shape == (3,)
+    assert cosine[2].item() == pytest.approx(1.0, abs=1e-5)  # the teacher against itself
+    # rebuild x_t by hand: the probe's features are the model's on the null class (5) ...
+    x0 = torch.randn(images.shape, generator=torch.Generator().manual_seed(train_cifar.PROBE_SEED))
+    xt = 0.5 * (images.float() / 127.5 - 1) + 0.5 * x0
+    t = torch.full((5,), 0.5)
+    _, hidden = model(xt, t, torch.full((5,), 5), return_layers=(1, 2, 3))
+    assert torch.allclose(features, torch.stack([h.mean(1) for h in hidden]), atol=1e-5)
+    # ... whatever the true labels are, which do change the blocks' features
+    _, labelled = model(xt, t, torch.arange(5), return_layers=(1, 2, 3))
+    assert not torch.allclose(features, torch.stack([h.mean(1) for h in labelled]), atol=1e-3)
+    with pytest.raises(ValueError, match="null class"):
+        train_cifar.block_features(tiny_sit(class_dropout_prob=0.0), images, 1.0)
+
+
+def colour_images(labels, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = COLOURS[labels][:, :, None, None] + 0.1 * torch.randn(len(labels), 3, 8, 8, generator=g)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def probe_colour_model(model):
+    """The probe on the colour-class toy: fit on 200 fresh images, score on 100 others."""
+    fit_y, test_y = torch.arange(200) % 4, torch.arange(100) % 4
+    split = (colour_images(fit_y, 1), fit_y, colour_images(test_y, 2), test_y, "toy")
+    return train_cifar.run_probe(model.eval(), split, [1.0, 0.0], teacher=3)
+
+
+def test_probe_on_the_trained_colour_toy(trained_colour_model):
+    rows = probe_colour_model(trained_colour_model)
+    clean = [row["accuracy"] for row in rows if row["t"] == 1.0]
+    noise_only = [row["accuracy"] for row in rows if row["t"] == 0.0]
+    assert max(clean) >= 0.9  # chance is 0.25: some block reads the class
+    # at t = 0 the input is pure noise; with the label hidden, no block can know the class
+    assert max(noise_only) <= 0.45, noise_only
+    assert rows == probe_colour_model(trained_colour_model)  # deterministic
+
+
+def test_train_writes_probe_csv_through_a_resume(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--probe-every", "2", "--sample-every", "100", "--probe-t", "1,0.5"]
+    train(image_folder, out, "--steps", "3", *common)
+    printed = capsys.readouterr().out + capsys.readouterr().err
+    train(image_folder, out, "--steps", "5", "--resume", *common)
+    rows = list(csv.DictReader(open(out / "probe.csv")))
+    keys = [(int(r["step"]), float(r["t"]), int(r["block"])) for r in rows]
+    assert keys == [(s, t, k) for s in (2, 3, 4, 5) for t in (1.0, 0.5) for k in (1, 2, 3)]  # no duplicates
+    assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)
+    assert all(-1 <= float(r["teacher_cosine"]) <= 1 + 1e-6 for r in rows)
+    assert "--probe-every" in run_error(["--data", image_folder, "--out", str(tmp_path / "y"), *TINY,
+                                         "--probe-every", "-1"])
+    assert "--probe-t" in run_error(["--data", image_folder, "--out", str(tmp_path / "y"), *TINY,
+                                     "--probe-t", "2"])
+
+
+def test_probe_a_checkpoint_twice_gives_the_same_numbers(image_folder, tmp_path, capsys):
+    train(image_folder, tmp_path / "run", "--steps", "2", "--probe-every", "0")
+    assert not (tmp_path / "run" / "probe.csv").exists()
+    ckpt = str(tmp_path / "run" / "last.pt")
+    capsys.readouterr()
+    tables = []
+    for i in range(2):
+        sample_script.main(["--ckpt", ckpt, "--probe", "--probe-csv", str(tmp_path / f"p{i}.csv"), "--device", "cpu"])
+        tables.append(capsys.readouterr().out)
+    assert (tmp_path / "p0.csv").read_text() == (tmp_path / "p1.csv").read_text()
+    assert tables[0].replace("p0.csv", "p1.csv") == tables[1]
+    assert "student  1" in tables[0] and "teacher  2" in tables[0]
+    assert len(list(csv.DictReader(open(tmp_path / "p0.csv")))) == 2 * 3  # 2 noise levels x 3 blocks
+
+
+def test_compare_writes_a_figure_or_says_what_to_install(image_folder, tmp_path, monkeypatch, capsys):
+    common = ["--steps", "4", "--probe-every", "2", "--sample-every", "2", "--log-every", "2"]
+    train(image_folder, tmp_path / "base", "--layersync-weight", "0", *common)
+    train(image_folder, tmp_path / "sync", *common)
+    capsys.readouterr()
+    runs = [str(tmp_path / "base"), str(tmp_path / "sync")]
+    figure = tmp_path / "compare.png"
+    pytest.importorskip("matplotlib")
+    sample_script.main(["--compare", *runs, "--figure", str(figure)])
+    assert Image.open(figure).size[0] > 1000
+    table = capsys.readouterr().out
+    assert "base (baseline)" in table and "sync (LayerSync lambda 0.2)" in table and "t=0.5" in table
+    os.remove(figure)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    message = run_error(["--compare", *runs, "--figure", str(figure)], sample_script.main)
+    assert "pip install matplotlib" in message and not figure.exists()
+    assert table.startswith(capsys.readouterr().out)  # the same numbers, as text
+    assert "not a train_cifar.py run folder" in run_error(["--compare", str(tmp_path)], sample_script.main)
