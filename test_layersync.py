@@ -461,7 +461,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(image_folder, tmp_path):
         assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
     for i, state in a["optimizer"]["state"].items():
         assert all(torch.equal(state[k], b["optimizer"]["state"][i][k]) for k in state)
-    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert torch.equal(a["rng"]["ranks"][0]["torch"], b["rng"]["ranks"][0]["torch"])
     assert not torch.equal(a["model"]["blocks.0.attn.qkv.weight"], halfway["model"]["blocks.0.attn.qkv.weight"])
     steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "resumed" / "metrics.csv"))]
     assert steps == [3, 5, 6, 9, 10]  # resumed rows follow on, none repeated
@@ -982,3 +982,81 @@ def test_compare_writes_a_figure_or_says_what_to_install(image_folder, tmp_path,
     assert "pip install matplotlib" in message and not figure.exists()
     assert table.startswith(capsys.readouterr().out)  # the same numbers, as text
     assert "not a train_cifar.py run folder" in run_error(["--compare", str(tmp_path)], sample_script.main)
+
+
+# ================================================================ several processes (torchrun, gloo on the CPU)
+
+def torchrun(*args, processes=2, timeout=180, **popen):
+    """train_cifar.py under `python -m torch.distributed.run`, as a user launches it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           os.path.join(HERE, "train_cifar.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **popen)
+
+
+DDP = ["--batch-size", "12", "--lr", "3e-3", "--log-every", "4", "--sample-every", "1000",
+       "--ckpt-every", "1000", "--probe-every", "0"]
+
+
+def test_two_processes_train_like_one_and_resume_exactly(image_folder, tmp_path):
+    tiny = TINY  # the later --batch-size wins
+    straight = torchrun("--data", image_folder, "--out", str(tmp_path / "two"), *tiny, *DDP, "--steps", "20")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert straight.stdout.count("all 2 ranks hold identical weights") == 1  # checked by hash, printed once
+    assert sorted(os.listdir(tmp_path / "two")) == ["last.pt", "metrics.csv", "samples_0000020.png"]
+    two = [r for r in csv.DictReader(open(tmp_path / "two" / "metrics.csv"))]
+    assert [int(r["step"]) for r in two] == [4, 8, 12, 16, 20]  # one writer, no duplicate rows
+    # 10 steps, then a resume to 20, under 2 processes: bit-identical to 20 straight
+    for steps, extra in (("10", []), ("20", ["--resume"])):
+        result = torchrun("--data", image_folder, "--out", str(tmp_path / "resumed"), *tiny, *DDP,
+                          "--steps", steps, *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+    a = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert len(a["rng"]["ranks"]) == 2 and not torch.equal(a["rng"]["ranks"][0]["torch"], a["rng"]["ranks"][1]["torch"])
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
+    # the same global batch in one process: same data, same start, other noise draws
+    train(image_folder, tmp_path / "one", "--steps", "20", *DDP)
+    one = [r for r in csv.DictReader(open(tmp_path / "one" / "metrics.csv"))]
+    print("fm, 1 process:", [r["fm"] for r in one], "2 processes:", [r["fm"] for r in two])
+    for r1, r2 in zip(one, two):
+        assert abs(float(r1["fm"]) - float(r2["fm"])) < 0.1 * float(r1["fm"]), (r1, r2)
+    assert float(one[-1]["fm"]) < 0.9 * float(one[0]["fm"]) and float(two[-1]["fm"]) < 0.9 * float(two[0]["fm"])
+    # a resume with another number of processes continues, and says what changes
+    single = run_cli("train_cifar.py", "--data", image_folder, "--out", str(tmp_path / "two"), *tiny, *DDP,
+                     "--steps", "22", "--resume")
+    assert single.returncode == 0 and "written by 2 process(es), this run has 1" in single.stdout
+
+
+@pytest.mark.parametrize("flags,message", [(["--batch-size", "7"], "must divide by the 2 processes"),
+                                           (["--grad-clip", "-1"], "--grad-clip -1.0")])
+def test_bad_input_stops_every_rank_with_one_message(image_folder, tmp_path, flags, message):
+    tiny = TINY  # the later --batch-size wins
+    result = torchrun("--data", image_folder, "--out", str(tmp_path / "x"), *tiny, "--steps", "3", *flags,
+                      timeout=60)  # a hang would time out
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(ours) == 1 and message in ours[0], result.stderr[-2000:]
+
+
+def test_sigterm_stops_every_rank_together(image_folder, tmp_path):
+    """SIGTERM to torchrun reaches every worker; they agree on a step, save once and exit."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    tiny = TINY  # the later --batch-size wins
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train_cifar.py"), "--data", image_folder, "--out", str(out), *tiny, *DDP,
+           "--steps", "100000", "--log-every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.csv").exists() and len(open(out / "metrics.csv").readlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)  # torchrun gives its workers 30 s before killing them
+    assert stderr.count("interrupted by SIGTERM") == 1 and "--resume" in stderr, stderr[-2000:]
+    stopped = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert stopped >= 2 and stopped % train_cifar.STOP_CHECK_EVERY == 0  # the agreed step

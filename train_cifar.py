@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from layersync import (SiT, SiT_models, check_layersync_pairs, default_layersync_pair,
@@ -31,6 +32,90 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 
 def fail(message: str):
     """Stop with a one-line message (no traceback): the user has something to fix."""
     raise SystemExit(f"error: {message}")
+
+
+# ------------------------------------------------------------------ one process, or several (torchrun)
+#
+# `python train_cifar.py` is one process and never touches torch.distributed. Under torchrun each
+# process trains data-parallel (DDP) on its slice of the same global batch, and rank 0 alone writes
+# files. Every decision that could differ between ranks (a bad input, a non-finite loss, a signal,
+# a failed save) is agreed through a collective, so no rank is ever left waiting in one.
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def say(*args, **kwargs):
+    if is_main():
+        tqdm.write(" ".join(map(str, args)), **kwargs)
+
+
+def init_distributed(device: torch.device):
+    """NCCL with one GPU per process (chosen by LOCAL_RANK), or gloo on the CPU."""
+    if world_size() == 1:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def agree(error):
+    """Every rank passes its own error message or None; if any rank has one, all stop with it.
+
+    Only rank 0 prints it (main() silences the others), so the user reads it once."""
+    if world_size() > 1:
+        errors = [None] * world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise SystemExit(error)
+
+
+def agreed(fn, *args):
+    """fn(*args) on every rank; a one-line refusal on any rank stops all of them together."""
+    if world_size() == 1:
+        return fn(*args)
+    try:
+        result, error = fn(*args), None
+    except SystemExit as stop:
+        result, error = None, stop.code if isinstance(stop.code, str) else f"error: rank {rank()} stopped"
+    agree(error)
+    return result
+
+
+def all_ranks_max(value: int) -> int:
+    """The largest of the ranks' values, over the CPU (gloo), so it never waits for the GPU."""
+    if world_size() == 1:
+        return value
+    flag = torch.tensor([value])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=STOP_GROUP[0])
+    return int(flag)
+
+
+STOP_GROUP = [None]  # a gloo group for all_ranks_max; with NCCL the default group is on the GPU
+
+
+class DistributedSiT(torch.nn.parallel.DistributedDataParallel):
+    """DDP that still shows the SiT's attributes: training_loss reads model.blocks."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def stream_seed(seed: int, process_rank: int) -> int:
+    """The seed of one rank's noise, t and label-dropout stream: distinct for every (seed, rank)."""
+    return seed * 1_000_003 + process_rank
 
 
 # ------------------------------------------------------------------ command line
@@ -80,6 +165,9 @@ def parse_args(argv=None):
     b.add_argument("--bench", action="store_true", help="time baseline and LayerSync steps on synthetic data")
     b.add_argument("--bench-steps", type=int, default=50)
     b.add_argument("--bench-warmup", type=int, default=15)
+    if not is_main():  # under torchrun, rank 0 alone reports a bad flag
+        p.print_usage = p.print_help = lambda *_, **__: None
+        p.exit = lambda status=0, message=None: sys.exit(status)
     args = p.parse_args(argv)
     args.probe_every = args.sample_every if args.probe_every is None else args.probe_every
     args.probe_t = parse_probe_t(args.probe_t)
@@ -110,6 +198,8 @@ def check_range(args, name: str, low: float, high: float = math.inf, low_open=Fa
 
 
 def check_device(name: str) -> torch.device:
+    if name == "cuda" and world_size() > 1:
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -135,6 +225,11 @@ def check_args(args):
     check_range(args, "ema_decay", 0, 1, high_open=True)
     check_range(args, "layersync_weight", 0)
     check_device(args.device)
+    if args.batch_size % world_size():
+        fail(f"--batch-size {args.batch_size} is the global batch and must divide by the {world_size()} "
+             f"processes; use a multiple of {world_size()}")
+    if world_size() > 1 and args.device not in ("cpu", "cuda"):
+        fail(f"--device {args.device}: under torchrun give cpu or cuda; each process takes GPU LOCAL_RANK")
     try:  # the model's own shape rules (patch divides image, heads divide width), on the meta device
         with torch.device("meta"):
             SiT(**model_config(args, num_classes=1))
@@ -236,7 +331,8 @@ def load_image_folder(path: str, size: int):
         data = ImageFolder(path, transform=resize, loader=read_image)
     except (OSError, ValueError) as error:
         fail(f"--data {path}: {error}; it needs one sub-folder per class with images in it")
-    images = torch.stack([image for image, _ in tqdm(data, desc="decoding images", leave=False)])
+    images = torch.stack([image for image, _ in tqdm(data, desc="decoding images", leave=False,
+                                                     disable=not is_main())])
     return images, torch.tensor(data.targets), data.classes
 
 
@@ -253,6 +349,8 @@ class DeviceBatches:
 
     CIFAR-10 is 150 MB as uint8, so it fits on any GPU, and gathering a batch there costs
     microseconds. Epoch order and flips come from a CPU generator whose state is checkpointed.
+    Every process draws the same global batch and keeps its own slice of it, so the data order
+    is the same for any number of processes.
     """
 
     def __init__(self, images, labels, batch_size: int, seed: int, device, hflip: bool = True):
@@ -275,7 +373,9 @@ class DeviceBatches:
     def next(self):
         if self.position + self.batch_size > len(self.order):
             self.new_epoch()  # drop the last partial batch of each epoch
-        window = slice(self.position, self.position + self.batch_size)
+        share = self.batch_size // world_size()  # this process's slice of the global batch
+        start = self.position + rank() * share
+        window = slice(start, start + share)
         self.position += self.batch_size
         index = self.order[window]
         x = self.images[index]
@@ -427,13 +527,17 @@ def train_step(args, forward, optimizer, ema_params, x, y, step, pairs, weight):
     return losses, grad_norm
 
 
-def build(args, config, device):
-    torch.manual_seed(args.seed)
+def build(args, config, device, data_parallel=True):
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = SiT(**config).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # each rank keeps its own, identical EMA
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
-    forward = torch.compile(model) if args.compile else model
+    net = model
+    if data_parallel and world_size() > 1:  # gradients all-reduced in buckets during the backward
+        net = DistributedSiT(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(net) if args.compile else net  # compiled around DDP, so they overlap
+    torch.manual_seed(stream_seed(args.seed, rank()))  # then each rank its own noise and t
     return model, ema, optimizer, forward
 
 
@@ -482,16 +586,30 @@ def load_checkpoint(path: str) -> dict:
 
 
 def rng_state(device, batches) -> dict:
-    state = {"torch": torch.get_rng_state(), "data": batches.state_dict()}
+    """The data order (shared) and every rank's own torch/CUDA generators, gathered on all ranks."""
+    mine = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    ranks = [mine]
+    if world_size() > 1:
+        ranks = [None] * world_size()
+        dist.all_gather_object(ranks, mine)
+    return {"data": batches.state_dict(), "ranks": ranks}
 
 
-def restore_rng(state: dict, device, batches):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def restore_rng(state: dict, device, batches, step: int, seed: int):
+    """The exact generators when the number of processes is unchanged; otherwise fresh per-rank
+    streams (the data order still continues exactly, the noise draws do not)."""
+    ranks = state.get("ranks") or [state]  # checkpoints before torchrun support had one state
+    if len(ranks) == world_size():
+        torch.set_rng_state(ranks[rank()]["torch"])
+        if device.type == "cuda" and "cuda" in ranks[rank()]:
+            torch.cuda.set_rng_state(ranks[rank()]["cuda"], device)
+    else:
+        torch.manual_seed(stream_seed(seed, rank()) + 7919 * step)
+        say(f"note: the checkpoint was written by {len(ranks)} process(es), this run has {world_size()}: "
+            f"the data order and the global batch continue unchanged, the noise and t streams are "
+            f"reseeded, so the run is not bit-identical to an uninterrupted one")
     batches.load_state_dict(state["data"])
 
 
@@ -509,7 +627,7 @@ def check_resume_config(old: dict, new: dict, path: str):
              f"resume with the same model and data flags, or start a new run in another --out")
     changed = [f"{k} {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k]]
     if changed:
-        print("resuming with changed settings: " + ", ".join(changed))
+        say("resuming with changed settings: " + ", ".join(changed))
 
 
 # ------------------------------------------------------------------ logging and samples
@@ -539,7 +657,7 @@ def read_csv_rows(path: str, fields: list, resume_step: int, key=("step",)) -> l
                     seen.add(ident)
                     rows.append({name: row[name] for name in fields})
         if dropped:
-            print(f"{path}: dropped {dropped} unreadable row(s)")
+            say(f"{path}: dropped {dropped} unreadable row(s)")
     return rows
 
 
@@ -606,20 +724,20 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def train(args):
-    device = setup_device(args)
-    depth = args.depth or SiT_models[args.model].keywords["depth"]
-    pairs = parse_pairs(args.layersync_pairs, depth, args.layersync_weight)  # bad pairs stop before any work
+STOP_CHECK_EVERY = 10  # under torchrun, steps between agreeing on a Ctrl-C or SIGTERM
+
+
+def prepare(args, pairs):
+    """Everything that can refuse the run, before the model is built; None: nothing to do."""
     ckpt_path = os.path.join(args.out, "last.pt")
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(ckpt_path)
         if checkpoint["step"] >= args.steps:
-            print(f"{ckpt_path} is at step {checkpoint['step']} >= --steps {args.steps}: nothing to do")
-            return
+            say(f"{ckpt_path} is at step {checkpoint['step']} >= --steps {args.steps}: nothing to do")
+            return None
     elif os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-
     images, labels, classes = load_data(args)
     probe_data = probe_split(args.data, args.data_dir, images, labels) if args.probe_every else None
     config = {"model": model_config(args, len(classes)), "data": data_identity(args.data),
@@ -631,7 +749,28 @@ def train(args):
     if checkpoint is not None:  # before building anything: a mismatch costs no time
         checkpoint["config"]["data"] = data_identity(checkpoint["config"]["data"])
         check_resume_config(checkpoint["config"], config, ckpt_path)
-    os.makedirs(args.out, exist_ok=True)
+    if is_main():
+        os.makedirs(args.out, exist_ok=True)
+    return checkpoint, images, labels, classes, probe_data, config
+
+
+def weights_digest(model) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def train(args):
+    device = setup_device(args)
+    depth = args.depth or SiT_models[args.model].keywords["depth"]
+    pairs = parse_pairs(args.layersync_pairs, depth, args.layersync_weight)  # bad pairs stop before any work
+    ckpt_path = os.path.join(args.out, "last.pt")
+    prepared = agreed(prepare, args, pairs)
+    if prepared is None:
+        return
+    checkpoint, images, labels, classes, probe_data, config = prepared
     model, ema, optimizer, forward = build(args, config["model"], device)
     batches = DeviceBatches(images, labels, args.batch_size, args.seed, device, args.hflip)
     step = 0
@@ -642,16 +781,18 @@ def train(args):
         for group in optimizer.param_groups:
             group["lr"] = args.lr
         step = checkpoint["step"]
-        restore_rng(checkpoint["rng"], device, batches)
-    print(f"{describe_model(args, config['model'])}, {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"LayerSync {'off (baseline)' if args.layersync_weight == 0 else f'lambda {args.layersync_weight}'}, "
-          f"pairs {pairs}; {len(images)} images in {len(classes)} classes, flips {'on' if args.hflip else 'off'}; "
-          f"{device} {args.precision}")
+        restore_rng(checkpoint["rng"], device, batches, step, args.seed)
+    processes = f", {world_size()} processes" if world_size() > 1 else ""
+    say(f"{describe_model(args, config['model'])}, {sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"LayerSync {'off (baseline)' if args.layersync_weight == 0 else f'lambda {args.layersync_weight}'}, "
+        f"pairs {pairs}; {len(images)} images in {len(classes)} classes, flips {'on' if args.hflip else 'off'}; "
+        f"{device.type} {args.precision}{processes}")
 
-    metrics_file, metrics = open_csv(os.path.join(args.out, "metrics.csv"), CSV_FIELDS, step)
-    if probe_data:
-        probe_file, probe_csv = open_csv(os.path.join(args.out, "probe.csv"), CSV_PROBE_FIELDS, step,
-                                         key=("step", "t", "block"))
+    if is_main():  # rank 0 alone writes files
+        metrics_file, metrics = open_csv(os.path.join(args.out, "metrics.csv"), CSV_FIELDS, step)
+        if probe_data:
+            probe_file, probe_csv = open_csv(os.path.join(args.out, "probe.csv"), CSV_PROBE_FIELDS, step,
+                                             key=("step", "t", "block"))
     teacher = pairs[0][1] if pairs else None
     grid = fixed_grid_inputs(config["model"], device)
     ema_params = list(ema.parameters())
@@ -660,24 +801,33 @@ def train(args):
         check_finite()
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                  "step": step, "config": config, "rng": rng_state(device, batches)}
-        try:
-            save_checkpoint(ckpt_path, state)
-        except OSError as error:  # a full disk, a quota, a vanished mount
-            fail(f"could not write {ckpt_path} at step {step} ({error}); the previous checkpoint "
-                 f"there is intact. Free some space and rerun with --resume.")
+        error = None
+        if is_main():
+            try:
+                save_checkpoint(ckpt_path, state)
+            except OSError as problem:  # a full disk, a quota, a vanished mount
+                error = (f"error: could not write {ckpt_path} at step {step} ({problem}); the previous "
+                         f"checkpoint there is intact. Free some space and rerun with --resume.")
+        agree(error)
 
     first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss
 
     def check_finite():
-        bad = int(first_bad)
+        bad = first_bad
+        if world_size() > 1:  # the earliest bad step of any rank; 0 (none) must not win the MIN
+            never = torch.iinfo(torch.long).max
+            bad = torch.where(bad == 0, never, bad)
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+            bad = torch.where(bad == never, 0, bad)
+        bad = int(bad)
         if bad:
             fail(f"the loss became non-finite at step {bad}; stopped without saving, so {ckpt_path} "
                  f"keeps the last good state. Try a lower --lr, --precision fp32 or a smaller --grad-clip.")
 
-    stop = StopSignals()
+    stop, stop_signal = StopSignals(), 0
     totals = torch.zeros(4, device=device)  # loss, fm, layersync, grad norm since the last log
     last_log_step, last_log_time, start = step, time.perf_counter(), time.perf_counter()
-    bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, disable=not is_main())
     try:
         while step < args.steps:
             x, y = batches.next()
@@ -689,46 +839,59 @@ def train(args):
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps:
                 check_finite()
+                if world_size() > 1:
+                    dist.all_reduce(totals)  # the logged losses are means over all ranks
+                    totals /= world_size()
                 mean = (totals / (step - last_log_step)).tolist()  # the only host sync, once per log
                 now = time.perf_counter()
                 images_per_s = args.batch_size * (step - last_log_step) / (now - last_log_time)
                 row = dict(zip(CSV_FIELDS, [step, *mean, images_per_s, now - start]))
-                metrics.writerow(csv_row(row))
-                metrics_file.flush()
+                if is_main():
+                    metrics.writerow(csv_row(row))
+                    metrics_file.flush()
                 bar.set_postfix(loss=f"{mean[0]:.4f}", fm=f"{mean[1]:.4f}", sync=f"{mean[2]:.3f}",
                                 img_s=f"{row['img_per_s']:.0f}")
                 totals.zero_()
                 last_log_step, last_log_time = step, now
             pause = time.perf_counter()
+            if world_size() == 1 or step % STOP_CHECK_EVERY == 0 or step == args.steps:
+                stop_signal = all_ranks_max(stop.received or 0)  # every rank stops at the same step
             # the checkpoint first: nothing that follows it can lose the run
-            if step % args.ckpt_every == 0 or step == args.steps or stop.received:
+            if step % args.ckpt_every == 0 or step == args.steps or stop_signal:
                 save()
             if step % args.sample_every == 0 or step == args.steps:
                 check_finite()
                 path = os.path.join(args.out, f"samples_{step:07d}.png")
                 try:
-                    save_grid(ema, grid, path, args.sample_steps, args.precision)
+                    if is_main():
+                        save_grid(ema, grid, path, args.sample_steps, args.precision)
                 except OSError as error:  # a grid is worth a warning, never the run
-                    print(f"\nwarning: could not write {path} ({error})")
-            if probe_data and (step % args.probe_every == 0 or step == args.steps):
+                    say(f"warning: could not write {path} ({error})")
+            if probe_data and is_main() and (step % args.probe_every == 0 or step == args.steps):
                 rows = run_probe(ema, probe_data, args.probe_t, teacher)
                 probe_csv.writerows(csv_row({"step": step, **row}) for row in rows)
                 probe_file.flush()
-                tqdm.write(f"probe at step {step}: {probe_summary(rows, pairs)}")
+                say(f"probe at step {step}: {probe_summary(rows, pairs)}")
             last_log_time += time.perf_counter() - pause  # img_per_s counts training time only
-            if stop.received:
+            if stop_signal:
                 break
     finally:
         bar.close()
-        metrics_file.close()
-        if probe_data:
-            probe_file.close()
+        if is_main():
+            metrics_file.close()
+            if probe_data:
+                probe_file.close()
         stop.restore()
-    if stop.received:
-        name = signal.Signals(stop.received).name
-        print(f"interrupted by {name}: saved step {step} of {args.steps} to {ckpt_path}; "
-              f"rerun the same command with --resume to continue", file=sys.stderr)
-        raise SystemExit(128 + stop.received)  # the shell's code for "killed by this signal"
+    if stop_signal:
+        say(f"interrupted by {signal.Signals(stop_signal).name}: saved step {step} of {args.steps} to "
+            f"{ckpt_path}; rerun the same command with --resume to continue", file=sys.stderr)
+        raise SystemExit(128 + stop_signal)  # the shell's code for "killed by this signal"
+    if world_size() > 1:  # DDP keeps the ranks in step; check it rather than trust it
+        digests = [None] * world_size()
+        dist.all_gather_object(digests, weights_digest(model))
+        if len(set(digests)) > 1:
+            fail(f"the {world_size()} ranks ended with different weights; please report this")
+        say(f"all {world_size()} ranks hold identical weights (sha256 {digests[0][:16]})")
 
 
 # ------------------------------------------------------------------ benchmark
@@ -741,8 +904,34 @@ def forward_macs_per_image(config: dict) -> int:
     return config["depth"] * (12 * tokens * h * h + 2 * tokens * tokens * h) + patch_io
 
 
+def time_steps(args, config: dict, device, pairs, weight, data_parallel=True) -> tuple:
+    """(seconds per training step, peak GiB or None) on synthetic data, warm-up excluded."""
+    model, ema, optimizer, forward = build(args, config, device, data_parallel)
+    ema_params = list(ema.parameters())
+    size, share = config["input_size"], args.batch_size // world_size()  # this process's slice
+    x = torch.randn(share, 3, size, size, device=device)
+    y = torch.randint(0, 10, (share,), device=device)
+    for step in range(args.bench_warmup + args.bench_steps):
+        if step == args.bench_warmup:  # compile and allocator warm-up excluded
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+        losses, _ = train_step(args, forward, optimizer, ema_params, x, y, step, pairs, weight)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / args.bench_steps
+    agree(None if torch.isfinite(losses["loss"]) else "error: bench: the loss became non-finite")
+    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    del model, ema, optimizer, forward, ema_params
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return seconds, memory
+
+
 def bench(args):
-    """Time training steps on synthetic data: the SiT baseline, then LayerSync, in one process."""
+    """Time training steps on synthetic data: the SiT baseline, then LayerSync; under torchrun,
+    also one process alone at the same per-process batch, for the scaling efficiency."""
     device = setup_device(args)
     config = model_config(args, num_classes=10)
     weight = args.layersync_weight or 0.2
@@ -751,46 +940,36 @@ def bench(args):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
     shape = ", ".join(f"{k} {config[k]}" for k in ("depth", "hidden_size", "num_heads", "patch_size", "input_size"))
-    print(f"{args.model} ({shape}) on {name}, batch {args.batch_size}, {args.precision}, "
-          f"compile {args.compile}, {train_flops / 1e9:.1f} GFLOP per training image")
-    print(f"{'run':<10} {'ms/step':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}")
+    processes = f" x {world_size()} processes" if world_size() > 1 else ""
+    say(f"{args.model} ({shape}) on {name}{processes}, global batch {args.batch_size}, {args.precision}, "
+        f"compile {args.compile}, {train_flops / 1e9:.1f} GFLOP per training image")
+    say(f"{'run':<10} {'ms/step':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}")
     times = {}
     for label, run_pairs, run_weight in (("baseline", [], 0.0), ("layersync", pairs, weight)):
-        model, ema, optimizer, forward = build(args, config, device)
-        ema_params = list(ema.parameters())
-        size = config["input_size"]
-        x = torch.randn(args.batch_size, 3, size, size, device=device)
-        y = torch.randint(0, 10, (args.batch_size,), device=device)
-        for step in range(args.bench_warmup + args.bench_steps):
-            if step == args.bench_warmup:  # compile and allocator warm-up excluded
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                start = time.perf_counter()
-            losses, _ = train_step(args, forward, optimizer, ema_params, x, y, step, run_pairs, run_weight)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = (time.perf_counter() - start) / max(args.bench_steps, 1)
-        if not torch.isfinite(losses["loss"]):
-            fail(f"bench: non-finite loss in the {label} run")
+        seconds, memory = time_steps(args, config, device, run_pairs, run_weight)
         times[label] = seconds
-        images_per_s = args.batch_size / seconds
+        images_per_s = args.batch_size / seconds  # all processes together
         tflops = images_per_s * train_flops / 1e12
-        mfu = f"{100 * tflops * 1e12 / peak:.1f}%" if peak and args.precision == "bf16" else "n/a"
-        memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}" if device.type == "cuda" else "n/a"
-        print(f"{label:<10} {1e3 * seconds:>9.2f} {images_per_s:>9.1f} "
-              f"{tflops:>8.2f} {mfu:>6} {memory:>8}")
-        del model, ema, optimizer, forward, ema_params
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print(f"LayerSync / baseline step time: {times['layersync'] / times['baseline']:.3f} "
-          f"(lambda {weight}, pairs {pairs})")
-    times["probe_per_image"] = bench_probe(args, config, device, pairs)
-    probe_images = 2 * PROBE_FIT_IMAGES  # CIFAR-10: 10,000 fitted + the 10,000-image test split
-    share = probe_images * times["probe_per_image"] / (max(args.probe_every, 1) * times["layersync"])
-    print(f"probe: {1e3 * times['probe_per_image']:.3f} ms per image (all {len(args.probe_t)} noise levels, "
-          f"ridge fits included); a CIFAR-10 probe ({probe_images:,} images) every {args.probe_every:,} "
-          f"steps would add {100 * share:.2f}% to the training time")
+        mfu = f"{100 * tflops * 1e12 / (peak * world_size()):.1f}%" if peak and args.precision == "bf16" else "n/a"
+        say(f"{label:<10} {1e3 * seconds:>9.2f} {images_per_s:>9.1f} {tflops:>8.2f} {mfu:>6} "
+            f"{'n/a' if memory is None else f'{memory:.2f}':>8}")
+    say(f"LayerSync / baseline step time: {times['layersync'] / times['baseline']:.3f} "
+        f"(lambda {weight}, pairs {pairs})")
+    if world_size() > 1:
+        alone, _ = time_steps(args, config, device, pairs, weight, data_parallel=False)
+        times["one_process"] = alone
+        share = args.batch_size // world_size()
+        total = args.batch_size / times["layersync"]
+        say(f"{world_size()} processes: {total / world_size():.1f} img/s per process, {total:.1f} img/s in total; "
+            f"one process alone at batch {share}: {share / alone:.1f} img/s; scaling efficiency "
+            f"{100 * alone / times['layersync']:.1f}%")
+    if args.probe_every:
+        times["probe_per_image"] = bench_probe(args, config, device, pairs)
+        probe_images = 2 * PROBE_FIT_IMAGES  # CIFAR-10: 10,000 fitted + the 10,000-image test split
+        cost = probe_images * times["probe_per_image"] / (args.probe_every * times["layersync"])
+        say(f"probe: {1e3 * times['probe_per_image']:.3f} ms per image (all {len(args.probe_t)} noise levels, "
+            f"ridge fits included); a CIFAR-10 probe ({probe_images:,} images) every {args.probe_every:,} "
+            f"steps would add {100 * cost:.2f}% to the training time")
     return times
 
 
@@ -814,8 +993,24 @@ def bench_probe(args, config: dict, device, pairs) -> float:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    return bench(args) if args.bench else train(args)
+    try:
+        args = parse_args(argv)
+        device = check_device(args.device)
+        init_distributed(device)
+        if world_size() > 1 and device.type == "cuda":
+            STOP_GROUP[0] = dist.new_group(backend="gloo")  # signals are agreed on the CPU
+        return bench(args) if args.bench else train(args)
+    except SystemExit as stop:
+        if not is_main() and isinstance(stop.code, str):
+            # rank 0 prints the message; the others stop quietly, and a moment later, because
+            # torchrun kills every worker as soon as one exits, rank 0 included
+            time.sleep(2)
+            raise SystemExit(1) from None
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        STOP_GROUP[0] = None
 
 
 if __name__ == "__main__":
