@@ -227,6 +227,7 @@ def last_probe(run: dict) -> tuple:
 
 def compare_table(runs: list) -> str:
     """The figure's numbers as text: the last logged losses, then each block's last probe accuracy."""
+    width = max(16, *(len(run["name"]) for run in runs))
     lines = [f"{'run':<40} {'step':>7} {'fm':>8} {'layersync':>10} {'student':>8} {'teacher':>8}"]
     for run in runs:
         last = run["metrics"][-1] if run["metrics"] else {}
@@ -236,13 +237,13 @@ def compare_table(runs: list) -> str:
     for t in sorted({t for _, _, table in probes for t in table}, reverse=True):
         lines.append(f"probe accuracy (%) per block, t={t:g}, at each run's last probed step:")
         depth = max(max(table[t]) for _, _, table in probes if t in table)
-        lines.append(f"{'block':>6} " + " ".join(f"{run['name'][:14]:>14}" for run, _, _ in probes))
+        lines.append(f"{'block':>6} " + " ".join(f"{run['name']:>{width}}" for run, _, _ in probes))
         for k in range(1, depth + 1):
             cells = []
             for run, _, table in probes:
                 acc = table.get(t, {}).get(k)
                 mark = "s" if k == run["student"] else "t" if k == run["teacher"] else " "
-                cells.append(f"{'-' if acc is None else f'{100 * acc:.1f}'}{mark}".rjust(14))
+                cells.append(f"{'-' if acc is None else f'{100 * acc:.1f}'}{mark}".rjust(width))
             lines.append(f"{k:>6} " + " ".join(cells))
     lines.append("(s = LayerSync student block, t = teacher block)")
     return "\n".join(lines)
@@ -250,64 +251,68 @@ def compare_table(runs: list) -> str:
 
 def compare_figure(runs: list, path: str):
     """Four panels: (a) losses, (b) probe accuracy per block, (c) the student block's accuracy
-    over training, (d) the last sample grids."""
+    over training, (d) the last sample grids. Colour = run, line style = what or which t."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from PIL import Image
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
+    ts = sorted({row["t"] for run in runs for row in run["probe"]}, reverse=True)
     fig = plt.figure(figsize=(14, 10), layout="constrained")
     grid = fig.add_gridspec(2, 2)
     ax_loss, ax_block, ax_student = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, 0])
     ax_sync = ax_loss.twinx()
-    ts = sorted({row["t"] for run in runs for row in run["probe"]}, reverse=True)
     for i, run in enumerate(runs):
         colour = colours[i % len(colours)]
         steps = [row["step"] for row in run["metrics"]]
-        ax_loss.plot(steps, [row["fm"] for row in run["metrics"]], color=colour, label=f"{run['label']}: fm (Eq. 1)")
-        ax_sync.plot(steps, [row["layersync"] for row in run["metrics"]], color=colour, linestyle="--",
-                     label=f"{run['label']}: LayerSync (Eq. 2)")
-        probe_step, table = last_probe(run)
+        ax_loss.plot(steps, [row["fm"] for row in run["metrics"]], color=colour)
+        ax_sync.plot(steps, [row["layersync"] for row in run["metrics"]], color=colour, linestyle="--")
+        _, table = last_probe(run)
         for j, t in enumerate(ts):
             if t not in table:
                 continue
             blocks = sorted(table[t])
             ax_block.plot(blocks, [100 * table[t][k] for k in blocks], color=colour, linestyle=styles[j % 4],
-                          marker=".", label=f"{run['label']}, t={t:g} (step {probe_step})")
-            for k, marker, role in ((run["student"], "v", "student"), (run["teacher"], "*", "teacher")):
+                          marker=".")
+            for k, marker in ((run["student"], "v"), (run["teacher"], "*")):
                 if k in table[t]:
                     ax_block.plot([k], [100 * table[t][k]], marker=marker, markersize=13, color=colour,
                                   markeredgecolor="black", linestyle="none")
             history = sorted((row["step"], row["accuracy"]) for row in run["probe"]
                              if row["t"] == t and row["block"] == run["student"])
-            if history:
-                ax_student.plot([s for s, _ in history], [100 * a for _, a in history], color=colour,
-                                linestyle=styles[j % 4], marker="o", label=f"{run['label']}, t={t:g}")
-    ax_loss.set(title="(a) training losses", xlabel="step", ylabel="flow-matching loss (solid)")
-    ax_sync.set_ylabel("LayerSync term, -cosine (dashed)")
-    handles = ax_loss.get_legend_handles_labels()[0] + ax_sync.get_legend_handles_labels()[0]
-    ax_loss.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper right")
+            ax_student.plot([s for s, _ in history], [100 * a for _, a in history], color=colour,
+                            linestyle=styles[j % 4], marker="o")
+    run_keys = [Line2D([], [], color=colours[i % len(colours)], label=run["label"]) for i, run in enumerate(runs)]
+    t_keys = [Line2D([], [], color="black", linestyle=styles[j % 4], label=f"probe at t={t:g}")
+              for j, t in enumerate(ts)]
+    ax_loss.set(title="(a) training losses", xlabel="step", ylabel="flow-matching loss, Eq. 1 (solid)")
+    ax_sync.set_ylabel("LayerSync term, Eq. 2: -cosine (dashed)")
+    ax_loss.legend(handles=run_keys + [Line2D([], [], color="black", label="fm (left axis)"),
+                                       Line2D([], [], color="black", linestyle="--", label="LayerSync (right axis)")],
+                   fontsize=9, loc="center right")
     chance = 100 / runs[0]["num_classes"]
     for ax in (ax_block, ax_student):
         ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":")
-    ax_block.plot([], [], marker="v", color="grey", markeredgecolor="black", linestyle="none", label="student block")
-    ax_block.plot([], [], marker="*", color="grey", markeredgecolor="black", linestyle="none", label="teacher block")
-    ax_block.set(title="(b) linear probe per block, last probed step (dotted: chance)", xlabel="block",
-                 ylabel="probe top-1 accuracy (%)")
+        ax.set_ylabel("probe top-1 accuracy (%), dotted: chance")
+    steps = sorted({last_probe(run)[0] for run in runs if run["probe"]})
+    ax_block.set(title=f"(b) linear probe of every block at step {', '.join(map(str, steps))}", xlabel="block")
     ax_block.xaxis.get_major_locator().set_params(integer=True)
-    ax_block.legend(fontsize=8)
-    ax_student.set(title="(c) the student block's probe accuracy over training", xlabel="step",
-                   ylabel="probe top-1 accuracy (%)")
-    ax_student.legend(fontsize=8)
+    markers = [Line2D([], [], marker="v", color="grey", markeredgecolor="black", linestyle="none", label="student block"),
+               Line2D([], [], marker="*", color="grey", markeredgecolor="black", linestyle="none", markersize=10,
+                      label="teacher block")]
+    ax_block.legend(handles=run_keys + t_keys + markers, fontsize=9)
+    ax_student.set(title="(c) the student block's probe accuracy over training", xlabel="step")
+    ax_student.legend(handles=run_keys + t_keys, fontsize=9)
     pictures = grid[1, 1].subgridspec(1, len(runs))
     for i, run in enumerate(runs):
         ax = fig.add_subplot(pictures[0, i])
         ax.axis("off")
         if run["grid"]:
             ax.imshow(Image.open(run["grid"]), interpolation="nearest")
-            ax.set_title(f"(d) {run['name']}\n{os.path.basename(run['grid'])}", fontsize=9)
+            ax.set_title(f"(d) {run['name']}, {os.path.basename(run['grid'])}", fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

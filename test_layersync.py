@@ -784,24 +784,31 @@ def test_sample_checks_its_outputs_before_sampling(image_folder, tmp_path, monke
     assert "pip install torch-fidelity" in run_error([*base, "--fid"], sample_script.main)
 
 
-def test_sigterm_saves_and_resumes_bit_identical(image_folder, tmp_path):
-    """What SLURM sends before it preempts: finish the step, save, exit 143, resume exactly."""
+def terminate_after_two_logged_steps(cmd, out, timeout=120):
+    """Start a training command, send SIGTERM once metrics.csv has two rows; returns (code, stderr)."""
     import signal
     import time
-    out = tmp_path / "run"
-    common = ["--log-every", "1", "--sample-every", "10000", "--ckpt-every", "10000"]
-    cmd = [sys.executable, os.path.join(HERE, "train_cifar.py"), "--data", image_folder, "--out", str(out),
-           *TINY, "--steps", "10000", *common]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 90
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if (out / "metrics.csv").exists() and len(open(out / "metrics.csv").readlines()) >= 3:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    _, stderr = proc.communicate(timeout=60)  # torchrun gives its workers 30 s before killing them
+    return proc.returncode, stderr
+
+
+def test_sigterm_saves_and_resumes_bit_identical(image_folder, tmp_path):
+    """What SLURM sends before it preempts: finish the step, save, exit 143, resume exactly."""
+    import signal
+    out = tmp_path / "run"
+    common = ["--log-every", "1", "--sample-every", "10000", "--ckpt-every", "10000"]
+    cmd = [sys.executable, os.path.join(HERE, "train_cifar.py"), "--data", image_folder, "--out", str(out),
+           *TINY, "--steps", "10000", *common]
+    code, stderr = terminate_after_two_logged_steps(cmd, out)
+    assert code == 128 + signal.SIGTERM, stderr
     assert "interrupted by SIGTERM" in stderr and "--resume" in stderr and "Traceback" not in stderr
     stopped = torch.load(out / "last.pt", weights_only=True)["step"]
     assert 2 <= stopped < 10000
@@ -994,13 +1001,13 @@ def torchrun(*args, processes=2, timeout=180, **popen):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **popen)
 
 
+# given after TINY: the later --batch-size wins
 DDP = ["--batch-size", "12", "--lr", "3e-3", "--log-every", "4", "--sample-every", "1000",
        "--ckpt-every", "1000", "--probe-every", "0"]
 
 
 def test_two_processes_train_like_one_and_resume_exactly(image_folder, tmp_path):
-    tiny = TINY  # the later --batch-size wins
-    straight = torchrun("--data", image_folder, "--out", str(tmp_path / "two"), *tiny, *DDP, "--steps", "20")
+    straight = torchrun("--data", image_folder, "--out", str(tmp_path / "two"), *TINY, *DDP, "--steps", "20")
     assert straight.returncode == 0, straight.stderr[-2000:]
     assert straight.stdout.count("all 2 ranks hold identical weights") == 1  # checked by hash, printed once
     assert sorted(os.listdir(tmp_path / "two")) == ["last.pt", "metrics.csv", "samples_0000020.png"]
@@ -1008,7 +1015,7 @@ def test_two_processes_train_like_one_and_resume_exactly(image_folder, tmp_path)
     assert [int(r["step"]) for r in two] == [4, 8, 12, 16, 20]  # one writer, no duplicate rows
     # 10 steps, then a resume to 20, under 2 processes: bit-identical to 20 straight
     for steps, extra in (("10", []), ("20", ["--resume"])):
-        result = torchrun("--data", image_folder, "--out", str(tmp_path / "resumed"), *tiny, *DDP,
+        result = torchrun("--data", image_folder, "--out", str(tmp_path / "resumed"), *TINY, *DDP,
                           "--steps", steps, *extra)
         assert result.returncode == 0, result.stderr[-2000:]
     a = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
@@ -1024,7 +1031,7 @@ def test_two_processes_train_like_one_and_resume_exactly(image_folder, tmp_path)
         assert abs(float(r1["fm"]) - float(r2["fm"])) < 0.1 * float(r1["fm"]), (r1, r2)
     assert float(one[-1]["fm"]) < 0.9 * float(one[0]["fm"]) and float(two[-1]["fm"]) < 0.9 * float(two[0]["fm"])
     # a resume with another number of processes continues, and says what changes
-    single = run_cli("train_cifar.py", "--data", image_folder, "--out", str(tmp_path / "two"), *tiny, *DDP,
+    single = run_cli("train_cifar.py", "--data", image_folder, "--out", str(tmp_path / "two"), *TINY, *DDP,
                      "--steps", "22", "--resume")
     assert single.returncode == 0 and "written by 2 process(es), this run has 1" in single.stdout
 
@@ -1032,8 +1039,7 @@ def test_two_processes_train_like_one_and_resume_exactly(image_folder, tmp_path)
 @pytest.mark.parametrize("flags,message", [(["--batch-size", "7"], "must divide by the 2 processes"),
                                            (["--grad-clip", "-1"], "--grad-clip -1.0")])
 def test_bad_input_stops_every_rank_with_one_message(image_folder, tmp_path, flags, message):
-    tiny = TINY  # the later --batch-size wins
-    result = torchrun("--data", image_folder, "--out", str(tmp_path / "x"), *tiny, "--steps", "3", *flags,
+    result = torchrun("--data", image_folder, "--out", str(tmp_path / "x"), *TINY, "--steps", "3", *flags,
                       timeout=60)  # a hang would time out
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and len(ours) == 1 and message in ours[0], result.stderr[-2000:]
@@ -1041,22 +1047,11 @@ def test_bad_input_stops_every_rank_with_one_message(image_folder, tmp_path, fla
 
 def test_sigterm_stops_every_rank_together(image_folder, tmp_path):
     """SIGTERM to torchrun reaches every worker; they agree on a step, save once and exit."""
-    import signal
-    import time
     out = tmp_path / "run"
-    tiny = TINY  # the later --batch-size wins
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "train_cifar.py"), "--data", image_folder, "--out", str(out), *tiny, *DDP,
+           os.path.join(HERE, "train_cifar.py"), "--data", image_folder, "--out", str(out), *TINY, *DDP,
            "--steps", "100000", "--log-every", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.csv").exists() and len(open(out / "metrics.csv").readlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)  # torchrun gives its workers 30 s before killing them
+    _, stderr = terminate_after_two_logged_steps(cmd, out)
     assert stderr.count("interrupted by SIGTERM") == 1 and "--resume" in stderr, stderr[-2000:]
     stopped = torch.load(out / "last.pt", weights_only=True)["step"]
     assert stopped >= 2 and stopped % train_cifar.STOP_CHECK_EVERY == 0  # the agreed step

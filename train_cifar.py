@@ -3,9 +3,11 @@
     python train_cifar.py --out runs/layersync                         # LayerSync, lambda 0.2
     python train_cifar.py --out runs/baseline --layersync-weight 0     # plain SiT
     python train_cifar.py --bench                                      # timing, no dataset needed
+    torchrun --standalone --nproc_per_node=8 train_cifar.py ...        # the same, on 8 GPUs (DDP)
 
-A run writes to --out: metrics.csv, samples_<step>.png (EMA model, fixed noise, one row per
-class) and last.pt (model, EMA, optimizer, step, config, RNG states); --resume continues it.
+A run writes to --out: metrics.csv, probe.csv (a linear probe of every block), samples_<step>.png
+(EMA model, fixed noise, one row per class) and last.pt (model, EMA, optimizer, step, config, RNG
+states); --resume continues it. Ctrl-C or SIGTERM saves and stops.
 """
 
 import argparse
@@ -110,6 +112,8 @@ class DistributedSiT(torch.nn.parallel.DistributedDataParallel):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "module":  # not registered yet (inside DDP's own __init__)
+                raise
             return getattr(self.module, name)
 
 
@@ -572,7 +576,8 @@ CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config", "rng"}
 def load_checkpoint(path: str) -> dict:
     """A train_cifar.py checkpoint, or a one-line error saying why it is not one."""
     try:  # weights_only: a checkpoint is data and is never allowed to run code
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: under torchrun every process reads the same file without a copy of its own
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         fail(f"no checkpoint at {path}")
     except Exception as error:
