@@ -653,7 +653,7 @@ def test_bench_times_baseline_and_layersync(capsys):
     printed = capsys.readouterr().out
     assert "img/s" in printed and "LayerSync / baseline step time" in printed
     share = 100 * 20_000 * times["probe_per_image"] / (500 * times["layersync"])  # the probe's cost arithmetic
-    assert f"every 500 steps would add {share:.2f}% to the training time" in printed
+    assert f"every 500 steps of batch 8 would add {share:.2f}% to the training time" in printed
 
 
 # ================================================================ bad input is refused before any work

@@ -968,13 +968,13 @@ def bench(args):
         say(f"{world_size()} processes: {total / world_size():.1f} img/s per process, {total:.1f} img/s in total; "
             f"one process alone at batch {share}: {share / alone:.1f} img/s; scaling efficiency "
             f"{100 * alone / times['layersync']:.1f}%")
-    if args.probe_every:
+    if args.probe_every and is_main():  # in training, too, rank 0 alone probes
         times["probe_per_image"] = bench_probe(args, config, device, pairs)
         probe_images = 2 * PROBE_FIT_IMAGES  # CIFAR-10: 10,000 fitted + the 10,000-image test split
         cost = probe_images * times["probe_per_image"] / (args.probe_every * times["layersync"])
         say(f"probe: {1e3 * times['probe_per_image']:.3f} ms per image (all {len(args.probe_t)} noise levels, "
             f"ridge fits included); a CIFAR-10 probe ({probe_images:,} images) every {args.probe_every:,} "
-            f"steps would add {100 * cost:.2f}% to the training time")
+            f"steps of batch {args.batch_size} would add {100 * cost:.2f}% to the training time")
     return times
 
 
