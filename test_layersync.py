@@ -1055,3 +1055,28 @@ def test_sigterm_stops_every_rank_together(image_folder, tmp_path):
     assert stderr.count("interrupted by SIGTERM") == 1 and "--resume" in stderr, stderr[-2000:]
     stopped = torch.load(out / "last.pt", weights_only=True)["step"]
     assert stopped >= 2 and stopped % train_cifar.STOP_CHECK_EVERY == 0  # the agreed step
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(image_folder, tmp_path):
+    """Rank 1 alone sees a NaN at step 3: both ranks must stop, with one message and no hang."""
+    script = tmp_path / "poisoned_train.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import train_cifar\n"
+        "real, calls = train_cifar.training_loss, []\n"
+        "def poisoned(*args, **kwargs):\n"
+        "    out = real(*args, **kwargs)\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3 and os.environ['RANK'] == '1':\n"
+        "        out['loss'] = out['loss'] * float('nan')\n"
+        "    return out\n"
+        "train_cifar.training_loss = poisoned\n"
+        "train_cifar.main()\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--data", image_folder, "--out", str(tmp_path / "run"), *TINY, *DDP, "--steps", "8", "--ckpt-every", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(ours) == 1 and "non-finite at step 3" in ours[0], result.stderr[-2000:]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2  # the last good state
