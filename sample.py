@@ -203,7 +203,7 @@ def read_run(folder: str) -> dict:
     if os.path.isfile(os.path.join(folder, "probe.csv")):
         with open(os.path.join(folder, "probe.csv"), newline="") as f:
             probe = [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
-    config = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["config"]
+    config = load_checkpoint(ckpt_path)["config"]
     pairs = config.get("layersync_pairs") or [[None, None]]
     weight = config["layersync_weight"]
     grids = sorted(glob.glob(os.path.join(folder, "samples_*.png")))

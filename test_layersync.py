@@ -1080,3 +1080,14 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(image_folder, tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and len(ours) == 1 and "non-finite at step 3" in ours[0], result.stderr[-2000:]
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2  # the last good state
+
+
+def test_probe_fit_subset_of_a_large_folder_spans_every_class(monkeypatch):
+    """Past the cap, the fitted images are a seeded sample, not the first classes in file order."""
+    monkeypatch.setattr(train_cifar, "PROBE_FIT_IMAGES", 12)
+    labels = torch.arange(4).repeat_interleave(10)  # ImageFolder order: class by class
+    images = torch.zeros(40, 3, 2, 2, dtype=torch.uint8)
+    fit_x, fit_y, scored_x, scored_y, _ = train_cifar.probe_split("folder", ".", images, labels)
+    assert len(fit_y) == 12 and set(fit_y.tolist()) == {0, 1, 2, 3}
+    assert scored_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # every 5th image of each class
+    assert torch.equal(train_cifar.probe_split("folder", ".", images, labels)[1], fit_y)  # deterministic

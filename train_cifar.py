@@ -424,7 +424,10 @@ def probe_split(data: str, data_dir: str, images, labels):
     if not held.any() or held.all():
         fail("the probe needs a class with at least 5 images (every 5th image of a class is held out to "
              "score the probe); add images or pass --probe-every 0")
-    fit = (~held).nonzero().flatten()[:PROBE_FIT_IMAGES]
+    fit = (~held).nonzero().flatten()
+    if len(fit) > PROBE_FIT_IMAGES:  # a seeded sample, not the first classes in file order
+        pick = torch.randperm(len(fit), generator=torch.Generator().manual_seed(PROBE_SEED))
+        fit = fit[pick[:PROBE_FIT_IMAGES].sort().values]
     return (images[fit], labels[fit], images[held], labels[held],
             f"fit on {len(fit)} images, scored on every 5th image of each class ({int(held.sum())})")
 
