@@ -6,7 +6,7 @@ block are pulled towards those of a stronger, deeper block of the same forward p
 No external encoder, no projection head, no extra parameters, no extra forward.
 
 Read top to bottom:
-  1. the LayerSync loss (Eq. 2)                       -> layersync_loss
+  1. the LayerSync loss (Eq. 2)                       -> layersync_loss, record_blocks
   2. the SiT it regularises (SiT, Ma et al. 2024)     -> SiT, SiT_models
   3. the flow-matching objective + LayerSync (Eq. 1, 3, Sec. 3.4)
                                                       -> training_loss, default_layersync_pair
@@ -18,6 +18,7 @@ x_t = t * x1 + (1 - t) * x0, and the model predicts the velocity x1 - x0.
 
 import math
 import operator
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -36,7 +37,7 @@ def layersync_loss(weak: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
     pass (e.g. (B, N, D) residual streams). Returns a scalar in [-1, 1]; -1 means aligned.
 
     To use it in another transformer, keep the outputs of two blocks (per token, no pooling,
-    no head) and add the term to your loss:
+    no head; record_blocks below takes them without editing the forward) and add the term:
 
         h_k, h_kk = hidden[k - 1], hidden[kk - 1]         # blocks k < kk, shape (B, N, D)
         loss = loss + lam * layersync_loss(h_k, h_kk)     # Eq. 3, lam = 0.2 in the paper
@@ -49,6 +50,54 @@ def layersync_loss(weak: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
     weak, strong = F.normalize(weak.float(), dim=-1), F.normalize(strong.float(), dim=-1)
     cosine = (weak * strong).sum(dim=-1)  # Eq. 2: cos(f^k[n], f^{k'}[n]) for each token n
     return -cosine.mean()  # Eq. 2: -(1/N) sum_n, then the expectation over the batch
+
+
+class RecordedBlocks(dict):
+    """{block number: output}; reading a block that has not run says so instead of a bare KeyError."""
+
+    def __missing__(self, k):
+        raise KeyError(f"block {k} has not run inside this record_blocks(...): call the model first "
+                       f"(recorded so far: {sorted(self)})")
+
+
+@contextmanager
+def record_blocks(blocks, block_numbers, pick=None):
+    """Eq. 2's f^k from a model whose forward you cannot edit: forward hooks on chosen blocks.
+
+        with record_blocks(model.encoder.layers, [k, k_teacher]) as out:  # 1-indexed, k < k_teacher
+            pred = model(x)
+        loss = task_loss + lam * layersync_loss(out[k], out[k_teacher])
+
+    blocks: the transformer blocks in forward order (e.g. an nn.ModuleList). pick: output ->
+    tensor, for blocks that return a tuple or a dataclass (e.g. pick=lambda out: out[0]).
+    Every forward inside the `with` overwrites `out`, so it holds the last forward's outputs.
+    The hooks are removed on leaving the `with`, also when the forward raised.
+    """
+    blocks, asked = list(blocks), list(block_numbers)
+    try:  # any integer type (int, numpy, torch), but not a bool or a float
+        numbers = [operator.index(k) for k in asked if not isinstance(k, bool)]
+    except TypeError:
+        numbers = []
+    if not asked or len(numbers) < len(asked) or not all(1 <= k <= len(blocks) for k in numbers):
+        raise ValueError(f"record_blocks: block numbers {asked} must be integers in 1..{len(blocks)} "
+                         f"(blocks are numbered from 1, as in the paper)")
+    out = RecordedBlocks()
+
+    def recorder(k):
+        def hook(module, inputs, output):
+            value = pick(output) if pick else output
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"record_blocks: block {k} returned {type(value).__name__}, not a "
+                                f"tensor; pass pick=, e.g. pick=lambda out: out[0]")
+            out[k] = value  # (B, N, D): the residual stream after block k, graph attached
+        return hook
+
+    handles = [blocks[k - 1].register_forward_hook(recorder(k)) for k in dict.fromkeys(numbers)]
+    try:
+        yield out
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,143 @@ def test_loss_extremes_and_scale_invariance():
 def test_loss_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
         L.layersync_loss(torch.randn(2, 4, 8), torch.randn(2, 4, 16))
+
+
+# ---------------------------------------------------------------- 1b. record_blocks: Eq. 2 on a model nobody here wrote
+
+def tiny_vit(depth=4, seed=0):
+    """torchvision's VisionTransformer, tiny: 16 patches + a class token, width 16."""
+    from torchvision.models import VisionTransformer
+    torch.manual_seed(seed)
+    model = VisionTransformer(image_size=16, patch_size=4, num_layers=depth, num_heads=2,
+                              hidden_dim=16, mlp_dim=32, num_classes=5)
+    with torch.no_grad():  # torchvision starts the class token at 0; any value tests more
+        model.class_token.normal_()
+    return model.eval()
+
+
+def vit_blocks_by_hand(model, images):
+    """Every encoder block's output, walking torchvision's own forward step by step."""
+    x = model._process_input(images)
+    x = torch.cat([model.class_token.expand(len(x), -1, -1), x], dim=1) + model.encoder.pos_embedding
+    outputs = []
+    for block in model.encoder.layers:
+        x = block(x)
+        outputs.append(x)
+    return outputs
+
+
+def test_record_blocks_equals_the_blocks_by_hand():
+    model = tiny_vit()
+    images = torch.randn(3, 3, 16, 16)
+    with L.record_blocks(model.encoder.layers, [1, 3, 4]) as out:
+        logits = model(images)
+    by_hand = vit_blocks_by_hand(model, images)
+    assert sorted(out) == [1, 3, 4]
+    for k in (1, 3, 4):
+        assert out[k].shape == (3, 17, 16)
+        assert torch.equal(out[k], by_hand[k - 1]), k
+    assert not torch.equal(out[1], out[3])
+    assert torch.equal(logits, model(images))  # recording never changes the output
+    with pytest.raises(KeyError, match="block 2 has not run"):
+        out[2]
+
+
+def test_record_blocks_gradient_reaches_blocks_up_to_k_only():
+    model = tiny_vit(depth=4)
+    with L.record_blocks(model.encoder.layers, [2, 4]) as out:
+        model(torch.randn(3, 3, 16, 16))
+    L.layersync_loss(out[2], out[4]).backward()  # the LayerSync term alone
+    for i, block in enumerate(model.encoder.layers):
+        grad = sum(p.grad.abs().sum() for p in block.parameters() if p.grad is not None)
+        assert (grad > 0) == (i < 2), (i, grad)  # blocks 1..k learn, blocks after k do not
+    assert model.conv_proj.weight.grad.abs().sum() > 0
+    assert model.heads.head.weight.grad is None
+
+
+def hook_count(blocks):
+    return sum(len(block._forward_hooks) for block in blocks)
+
+
+def test_record_blocks_removes_its_hooks_on_exit_and_on_error():
+    model = tiny_vit()
+    blocks = model.encoder.layers
+    with L.record_blocks(blocks, [1, 2, 2]) as out:  # a repeated number gets one hook
+        assert hook_count(blocks) == 2
+        model(torch.randn(2, 3, 16, 16))
+        first = out[1].clone()
+        model(torch.randn(2, 3, 16, 16))  # a second forward overwrites the first one's outputs
+        assert not torch.equal(out[1], first)
+    assert hook_count(blocks) == 0
+    blocks[1].ln_1 = torch.nn.LayerNorm(8)  # block 2 now raises, after block 1's hook has run
+    with pytest.raises(RuntimeError):
+        with L.record_blocks(blocks, [1, 2]) as out:
+            model(torch.randn(2, 3, 16, 16))
+    assert 1 in out and 2 not in out
+    assert hook_count(blocks) == 0
+
+
+@pytest.mark.parametrize("numbers", [[0, 2], [5], [1, 4.0], [True, 2], []])
+def test_record_blocks_refuses_bad_block_numbers_before_registering(numbers):
+    blocks = tiny_vit(depth=4).encoder.layers
+    with pytest.raises(ValueError, match=r"integers in 1\.\.4"):
+        with L.record_blocks(blocks, numbers):
+            pass
+    assert hook_count(blocks) == 0
+    with L.record_blocks(blocks, [np.int64(1), torch.tensor(4)]) as out:  # integer types are fine
+        assert hook_count(blocks) == 2 and not out
+
+
+class TupleBlock(torch.nn.Module):
+    """A block that returns (hidden, attention-like extra), as joint-attention blocks do."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x), x.mean()
+
+
+def test_record_blocks_pick_selects_the_tensor_of_a_tuple_output():
+    model = tiny_vit()
+    blocks = torch.nn.ModuleList(TupleBlock(b) for b in model.encoder.layers)
+    x = torch.randn(2, 17, 16)
+    with L.record_blocks(blocks, [1, 3], pick=lambda out: out[0]) as out:
+        h, by_hand = x, []
+        for block in blocks:
+            h, _ = block(h)
+            by_hand.append(h)
+    assert torch.equal(out[1], by_hand[0]) and torch.equal(out[3], by_hand[2])
+    with pytest.raises(TypeError, match="returned tuple.*pick="):
+        with L.record_blocks(blocks, [1]):
+            blocks[0](x)
+    assert hook_count(blocks) == 0
+
+
+def test_readme_hook_example_runs_as_printed():
+    import re
+    readme = open(os.path.join(HERE, "README.md")).read()
+    example, = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "record_blocks(" in block]
+    scope = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    assert scope["weak"].shape == scope["strong"].shape == (8, 64, 384)  # 8x8 patches, no class token
+    assert torch.isfinite(scope["loss"]) and hook_count(scope["model"].encoder.layers) == 0
+
+
+def test_record_blocks_on_the_sit_gives_training_losss_eq2():
+    model = tiny_sit(depth=4)
+    x, y = batch(model)
+    with L.record_blocks(model.blocks, [1, 3]) as out:
+        torch.manual_seed(3)
+        losses = L.training_loss(model, x, y, [(1, 3)], 0.2)
+    assert torch.equal(L.layersync_loss(out[1], out[3]).detach(), losses["layersync"])
+    # and the hooked outputs are SiT.forward's own return_layers
+    model.eval()
+    t = torch.rand(len(x))
+    with L.record_blocks(model.blocks, [2, 4]) as out:
+        _, (h2, h4) = model(x, t, y, return_layers=(2, 4))
+    assert torch.equal(out[2], h2) and torch.equal(out[4], h4)
 
 
 # ---------------------------------------------------------------- 2. the SiT
