@@ -11,6 +11,7 @@ Read top to bottom:
   3. the flow-matching objective + LayerSync (Eq. 1, 3, Sec. 3.4)
                                                       -> training_loss, default_layersync_pair
   4. ODE samplers and classifier-free guidance        -> sample, guided_velocity
+  5. a linear probe of every block (Sec. 3)           -> linear_probe
 
 Time runs as in SiT: t = 0 is noise x0 ~ N(0, I), t = 1 is data x1,
 x_t = t * x1 + (1 - t) * x0, and the model predicts the velocity x1 - x0.
@@ -18,6 +19,7 @@ x_t = t * x1 + (1 - t) * x0, and the model predicts the velocity x1 - x0.
 
 import math
 import operator
+from collections import namedtuple
 from contextlib import contextmanager
 from functools import partial
 
@@ -53,25 +55,23 @@ def layersync_loss(weak: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
 
 
 class RecordedBlocks(dict):
-    """{block number: output}; reading a block that has not run says so instead of a bare KeyError."""
-
-    def __missing__(self, k):
+    def __missing__(self, k):  # a clear error for a block that has not run
         raise KeyError(f"block {k} has not run inside this record_blocks(...): call the model first "
                        f"(recorded so far: {sorted(self)})")
 
 
 @contextmanager
 def record_blocks(blocks, block_numbers, pick=None):
-    """Eq. 2's f^k from a model whose forward you cannot edit: forward hooks on chosen blocks.
+    """Eq. 2's f^k from a model whose forward you cannot edit, by forward hooks on chosen blocks.
 
-        with record_blocks(model.encoder.layers, [k, k_teacher]) as out:  # 1-indexed, k < k_teacher
+        with record_blocks(model.encoder.layers, [k, k_teacher]) as out:  # numbered from 1, k < k'
             pred = model(x)
         loss = task_loss + lam * layersync_loss(out[k], out[k_teacher])
 
-    blocks: the transformer blocks in forward order (e.g. an nn.ModuleList). pick: output ->
-    tensor, for blocks that return a tuple or a dataclass (e.g. pick=lambda out: out[0]).
-    Every forward inside the `with` overwrites `out`, so it holds the last forward's outputs.
-    The hooks are removed on leaving the `with`, also when the forward raised.
+    blocks: the blocks in forward order (e.g. an nn.ModuleList). pick: output -> tensor, for blocks
+    that return a tuple or a dataclass (e.g. pick=lambda out: out[0]). Every forward inside the
+    `with` overwrites `out`, so it holds the last forward's outputs. The hooks are removed on
+    leaving the `with`, also when the forward raised.
     """
     blocks, asked = list(blocks), list(block_numbers)
     try:  # any integer type (int, numpy, torch), but not a bool or a float
@@ -85,11 +85,10 @@ def record_blocks(blocks, block_numbers, pick=None):
 
     def recorder(k):
         def hook(module, inputs, output):
-            value = pick(output) if pick else output
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"record_blocks: block {k} returned {type(value).__name__}, not a "
+            out[k] = pick(output) if pick else output  # (B, N, D), autograd graph attached
+            if not isinstance(out[k], torch.Tensor):
+                raise TypeError(f"record_blocks: block {k} returned {type(output).__name__}, not a "
                                 f"tensor; pass pick=, e.g. pick=lambda out: out[0]")
-            out[k] = value  # (B, N, D): the residual stream after block k, graph attached
         return hook
 
     handles = [blocks[k - 1].register_forward_hook(recorder(k)) for k in dict.fromkeys(numbers)]
@@ -244,6 +243,11 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    @property
+    def has_null_class(self) -> bool:
+        """Whether label row `num_classes` exists (trained with label dropout), for CFG and the probe."""
+        return self.y_embedder.table.num_embeddings > self.num_classes
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, p*p*C) -> (B, C, H, W)."""
         p, c = self.patch_size, self.in_channels
@@ -328,13 +332,14 @@ def training_loss(model: SiT, x1: torch.Tensor, y: torch.Tensor,
     so the update is exactly the plain SiT baseline's. A non-zero weight needs at least one
     pair: silently training the baseline is the public code's default-pair pitfall.
     """
-    pairs = check_layersync_pairs(layersync_pairs, len(model.blocks))
+    depth = len(getattr(model, "module", model).blocks)  # .module: inside DistributedDataParallel
+    pairs = check_layersync_pairs(layersync_pairs, depth)
     if not (math.isfinite(layersync_weight) and layersync_weight >= 0):
         raise ValueError(f"training_loss: layersync_weight must be finite and >= 0, got {layersync_weight}")
     if layersync_weight and not pairs:
         raise ValueError(f"training_loss: layersync_weight {layersync_weight} with no layersync_pairs "
                          f"would train the plain baseline; pass pairs, e.g. "
-                         f"[default_layersync_pair({len(model.blocks)})], or weight 0")
+                         f"[default_layersync_pair({depth})], or weight 0")
     if x1.shape[0] == 0:
         raise ValueError("training_loss: the batch is empty (x1 has 0 samples)")
     x0 = torch.randn_like(x1)                                    # noise, t = 0
@@ -396,7 +401,7 @@ def guided_velocity(model: SiT, y: torch.Tensor, cfg_scale: float = 1.0):
         raise ValueError("guided_velocity: call model.eval() first (training mode drops labels)")
     if cfg_scale == 1.0:
         return lambda x, t: model(x, t, y)
-    if model.y_embedder.table.num_embeddings == model.num_classes:
+    if not model.has_null_class:
         raise ValueError("guided_velocity: this model has no null class (trained with "
                          "class_dropout_prob=0), so it cannot be guided; use cfg_scale=1")
     y_both = torch.cat([y, torch.full_like(y, model.num_classes)])
@@ -405,3 +410,80 @@ def guided_velocity(model: SiT, y: torch.Tensor, cfg_scale: float = 1.0):
         v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), y_both).chunk(2)
         return v_uncond + cfg_scale * (v_cond - v_uncond)
     return velocity_fn
+
+
+
+# ---------------------------------------------------------------------------
+# 5. Seeing it: a linear probe of every block (Sec. 3)
+# ---------------------------------------------------------------------------
+# Sec. 3's case is that blocks differ in how semantic their features are and that LayerSync lifts
+# the weak ones; the paper shows it with a per-layer linear probe. This one is closed-form (ridge),
+# so it is deterministic and cheap enough to run during training.
+
+BlockProbe = namedtuple("BlockProbe", "accuracy teacher_cosine")  # each {t: {block: value}}
+
+
+@torch.no_grad()
+def block_features(model: SiT, x1: torch.Tensor, t: float, teacher=None, seed: int = 1234,
+                   batch_size: int = 250):
+    """Every block's token-averaged residual stream (Eq. 2's f^k, pooled) on x_t, as (depth, N, D).
+
+    x1: (N, C, H, W) images in [-1, 1]; x_t = t x1 + (1 - t) x0 with noise fixed by `seed`. The
+    label is always the null class: a class label reaches every block through adaLN, and the
+    probe would read the label instead of the representation. With a teacher block, also each
+    block's mean per-token cosine to it (what Eq. 2 maximises for the student), as (depth,).
+    """
+    if not model.has_null_class:
+        raise ValueError("the probe feeds the null class label, and this model has none (trained with "
+                         "class_dropout_prob=0)")
+    device, generator = model.pos_embed.device, torch.Generator().manual_seed(seed)
+    every_block = range(1, len(model.blocks) + 1)
+    features, cosine, tokens = [], 0, 0
+    for x1_batch in x1.split(batch_size):
+        x1_batch = x1_batch.to(device)
+        x0 = torch.randn(x1_batch.shape, generator=generator).to(device)
+        t_batch = torch.full((len(x1_batch),), t, device=device)
+        y_null = torch.full((len(x1_batch),), model.num_classes, device=device)
+        _, hidden = model(t * x1_batch + (1 - t) * x0, t_batch, y_null, return_layers=every_block)
+        hidden = [h.float() for h in hidden]  # (B, N, D) each
+        features.append(torch.stack([h.mean(dim=1) for h in hidden]))  # (depth, B, D)
+        if teacher:
+            ref = F.normalize(hidden[teacher - 1], dim=-1)
+            cosine = cosine + torch.stack([(F.normalize(h, dim=-1) * ref).sum() for h in hidden])
+            tokens += hidden[0].shape[0] * hidden[0].shape[1]
+    return torch.cat(features, dim=1), (cosine / tokens if teacher else None)
+
+
+def ridge_probe_accuracy(fit_x, fit_y, test_x, test_y, num_classes: int, ridge: float = 1e-3) -> float:
+    """Top-1 accuracy of ridge regression onto one-hot targets, on standardised features.
+
+    Closed form: deterministic, nothing to tune, one D x D solve. A trained logistic probe tends
+    to score a little higher, but not to order the blocks differently.
+    """
+    mean, std = fit_x.double().mean(0), fit_x.double().std(0).clamp_min(1e-6)
+    x, z = (fit_x.double() - mean) / std, (test_x.double() - mean) / std
+    targets = F.one_hot(fit_y.long(), num_classes).double()
+    prior = targets.mean(0)  # x is centred, so the bias is the class frequency
+    gram = x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    weights = torch.linalg.solve(gram, x.T @ (targets - prior))
+    predicted = (z @ weights + prior).argmax(dim=1)
+    return (predicted == test_y.to(predicted.device)).double().mean().item()
+
+
+def linear_probe(model: SiT, fit, scored, ts, teacher=None) -> BlockProbe:
+    """Probe every block at every noise level t: fit on `fit` = (x1, labels), score on `scored`.
+
+    Returns BlockProbe(accuracy={t: {block: top-1}}, teacher_cosine={t: {block: cosine}}; {} without
+    a teacher). Blocks are numbered from 1. The scored images get other noise than the fitted ones:
+    shared noise would let the probe match noise to labels.
+    """
+    accuracy, teacher_cosine = {}, {}
+    for t in ts:
+        fit_features, cosine = block_features(model, fit[0], t, teacher, seed=1234)
+        scored_features, _ = block_features(model, scored[0], t, seed=1235)
+        accuracy[t] = {k + 1: ridge_probe_accuracy(fit_features[k], fit[1], scored_features[k],
+                                                   scored[1], model.num_classes)
+                       for k in range(len(fit_features))}
+        if teacher:
+            teacher_cosine[t] = {k + 1: float(c) for k, c in enumerate(cosine)}
+    return BlockProbe(accuracy, teacher_cosine)

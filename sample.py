@@ -16,14 +16,16 @@ import glob
 import math
 import os
 import sys
+from collections import namedtuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from layersync import SiT, guided_velocity, sample
-from train_cifar import (CSV_PROBE_FIELDS, check_device, csv_row, fail, load_checkpoint, load_cifar10,
-                         load_image_folder, null_label, parse_probe_t, probe_split, run_probe)
+from layersync import SiT, guided_velocity, linear_probe, sample
+# the trainer's own formats (checkpoint, data, CSV, pixels, precision) and its flag checks
+from train_cifar import (autocast, device_arg, fail, load_checkpoint, load_data, probe_data, probe_levels,
+                         to_pixels, write_probe_csv)
 
 
 def parse_args(argv=None):
@@ -57,7 +59,7 @@ def parse_args(argv=None):
         p.error("give --ckpt PATH (or --compare RUN ...)")
     if not (args.grid or args.npz or args.fid or args.probe):
         p.error("nothing to write: give --grid PATH, --npz PATH, --fid and/or --probe")
-    args.probe_t = parse_probe_t(args.probe_t)
+    args.probe_t = probe_levels(args.probe_t)
     check_args(args)
     return args
 
@@ -79,7 +81,7 @@ def check_args(args):
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if not math.isfinite(args.cfg_scale):
         fail(f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = no guidance)")
-    check_device(args.device)
+    args.device = device_arg(args.device)
     if args.grid:
         check_output_path("--grid", args.grid, (".png", ".jpg", ".jpeg"))
     if args.npz:  # numpy would silently append .npz to any other name
@@ -88,28 +90,34 @@ def check_args(args):
         check_output_path("--probe-csv", args.probe_csv, (".csv",))
 
 
-def load_model(args, device):
+Loaded = namedtuple("Loaded", "model config step precision")
+
+
+def load_model(args) -> Loaded:
+    """The checkpoint's SiT (EMA weights unless --no-ema), at the run's precision: bf16 autocast
+    on CUDA if the run trained in bf16, fp32 otherwise."""
     checkpoint = load_checkpoint(args.ckpt)
     config = checkpoint["config"]
     model = SiT(**config["model"])
     model.load_state_dict(checkpoint["model" if args.no_ema else "ema"])
-    return model.to(device).eval(), config, checkpoint["step"]
+    bf16 = args.device.type == "cuda" and config.get("precision", "bf16") == "bf16"
+    return Loaded(model.to(args.device).eval(), config, checkpoint["step"], "bf16" if bf16 else "fp32")
 
 
 @torch.no_grad()
-def generate(args, model, labels, size: int, device) -> torch.Tensor:
+def generate(args, loaded: Loaded, labels) -> torch.Tensor:
     """uint8 images (N, H, W, 3); the noise comes from a CPU generator, so --seed gives the same
     images whatever the device and batch size."""
+    model, size = loaded.model, loaded.config["model"]["input_size"]
     generator = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(len(labels), model.in_channels, size, size, generator=generator)
     out = []
     for start in tqdm(range(0, len(labels), args.batch_size), desc="sampling", unit="batch"):
-        x = noise[start:start + args.batch_size].to(device)
-        y = labels[start:start + args.batch_size].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        x = noise[start:start + args.batch_size].to(args.device)
+        y = labels[start:start + args.batch_size].to(args.device)
+        with autocast(args.device, loaded.precision):
             images = sample(guided_velocity(model, y, args.cfg_scale), x, args.steps, args.method)
-        pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> 0..255
-        out.append(pixels.permute(0, 2, 3, 1).cpu())
+        out.append(to_pixels(images).permute(0, 2, 3, 1).cpu())
     return torch.cat(out)
 
 
@@ -137,7 +145,7 @@ def prepare_fid(model_config: dict, data_dir: str):
     if shape != (32, 3):
         fail(f"--fid compares with CIFAR-10 (32x32 RGB), but this model makes "
              f"{shape[0]}x{shape[0]} images with {shape[1]} channels")
-    reference, _, _ = load_cifar10(data_dir)  # (N, 3, 32, 32) uint8, downloaded if absent
+    reference, _, _ = load_data("cifar10", data_dir, 32)  # (N, 3, 32, 32) uint8, downloaded if absent
     try:  # torch-fidelity downloads these weights on first use
         torch_fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     except Exception as error:
@@ -158,35 +166,31 @@ def compute_fid(images: torch.Tensor, reference, device) -> float:
 
 # ------------------------------------------------------------------ the probe of one checkpoint
 
-def probe_checkpoint(args, model, config: dict, step: int):
+def probe_checkpoint(args, loaded: Loaded):
     """Every block's probe accuracy on the checkpoint's own data, as a table and a CSV."""
-    try:
-        null_label(model)
-    except ValueError as error:
-        fail(f"--probe: {error}")
-    if config["data"] == "cifar10":
-        images, labels, _ = load_cifar10(args.data_dir)
-    else:
-        images, labels, _ = load_image_folder(config["data"], config["model"]["input_size"])
-    split = probe_split(config["data"], args.data_dir, images, labels)
+    model, config, step = loaded.model, loaded.config, loaded.step
+    if not model.has_null_class:
+        fail("--probe: the probe feeds the null class label, and this model has none (trained with "
+             "class_dropout_prob=0)")
+    data = probe_data(config, args.data_dir)
     pairs = config.get("layersync_pairs") or []
     teacher = pairs[0][1] if pairs else None
-    rows = run_probe(model, split, args.probe_t, teacher)
-    role = {k: "student" for k, _ in pairs} | {kk: "teacher" for _, kk in pairs}
-    print(f"probe of {args.ckpt} at step {step} ({'raw' if args.no_ema else 'EMA'} weights), {split[4]}; "
+    with autocast(args.device, loaded.precision):
+        probe = linear_probe(model, data.fit, data.scored, args.probe_t, teacher)
+    role = {k: "student" for k, _ in pairs} | {k_teacher: "teacher" for _, k_teacher in pairs}
+    weights = "raw" if args.no_ema else "EMA"
+    print(f"probe of {args.ckpt} at step {step} ({weights} weights), {data.description}; "
           f"chance {100 / model.num_classes:.1f}%")
-    print(f"{'block':>9} " + " ".join(f"{f't={t:g}':>8}" for t in args.probe_t)
-          + (f"  cos to block {teacher} (t={args.probe_t[0]:g})" if teacher else ""))
+    first_t = args.probe_t[0]
+    cosine_header = f"  cos to block {teacher} (t={first_t:g})" if teacher else ""
+    print(f"{'block':>9} " + " ".join(f"{f't={t:g}':>8}" for t in args.probe_t) + cosine_header)
     for k in range(1, len(model.blocks) + 1):
-        acc = [next(r["accuracy"] for r in rows if r["t"] == t and r["block"] == k) for t in args.probe_t]
-        cosine = next(r["teacher_cosine"] for r in rows if r["block"] == k)
-        print(f"{role.get(k, ''):>7} {k:>2} " + " ".join(f"{100 * a:>7.1f}%" for a in acc)
-              + (f"  {cosine:>8.3f}" if teacher else ""))
-    path = args.probe_csv or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"probe_{step:07d}.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_PROBE_FIELDS)
-        writer.writeheader()
-        writer.writerows(csv_row({"step": step, **row}) for row in rows)
+        accuracies = " ".join(f"{100 * probe.accuracy[t][k]:>7.1f}%" for t in args.probe_t)
+        cosine = f"  {probe.teacher_cosine[first_t][k]:>8.3f}" if teacher else ""
+        print(f"{role.get(k, ''):>7} {k:>2} {accuracies}{cosine}")
+    folder = os.path.dirname(os.path.abspath(args.ckpt))
+    path = args.probe_csv or os.path.join(folder, f"probe_{step:07d}.csv")
+    write_probe_csv(path, step, probe)
     print(f"probe rows: {path}")
 
 
@@ -335,16 +339,16 @@ def main(argv=None):
     args = parse_args(argv)
     if args.compare:
         return compare(args)
-    device = check_device(args.device)
-    model, config, step = load_model(args, device)
+    loaded = load_model(args)
     if args.probe:
-        probe_checkpoint(args, model, config, step)
+        probe_checkpoint(args, loaded)
         if not (args.grid or args.npz or args.fid):
             return
+    model, config, step = loaded.model, loaded.config, loaded.step
     num_classes = config["model"]["num_classes"]
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         fail(f"--class-label {args.class_label}: the model has classes 0..{num_classes - 1}")
-    if args.cfg_scale != 1 and model.y_embedder.table.num_embeddings == num_classes:
+    if args.cfg_scale != 1 and not model.has_null_class:
         fail(f"--cfg-scale {args.cfg_scale}: this model was trained without label dropout, so it has "
              f"no null class to guide with; use --cfg-scale 1")
     reference = prepare_fid(config["model"], args.data_dir) if args.fid else None
@@ -352,8 +356,9 @@ def main(argv=None):
         labels = torch.arange(args.n) % num_classes
     else:
         labels = torch.full((args.n,), args.class_label)
-    images = generate(args, model, labels, config["model"]["input_size"], device)
-    print(f"{len(images)} images from step {step} ({'raw' if args.no_ema else 'EMA'} weights), "
+    images = generate(args, loaded, labels)
+    weights = "raw" if args.no_ema else "EMA"
+    print(f"{len(images)} images from step {step} ({weights} weights), "
           f"{args.method} {args.steps} steps, cfg {args.cfg_scale}")
     if args.grid:
         from torchvision.utils import save_image
@@ -364,7 +369,8 @@ def main(argv=None):
         np.savez(args.npz, arr_0=images.numpy(), arr_1=labels.numpy())
         print(f"npz: {args.npz}")
     if args.fid:
-        print(f"FID vs CIFAR-10 train ({len(images)} samples): {compute_fid(images, reference, device):.2f}")
+        fid = compute_fid(images, reference, args.device)
+        print(f"FID vs CIFAR-10 train ({len(images)} samples): {fid:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,39 @@
-"""Tests for layersync.py, train_cifar.py and sample.py. CPU only: `python -m pytest -q`."""
+"""Tests for layersync.py, train_cifar.py and sample.py. CPU only: `python -m pytest -q`.
 
+Helpers and fixtures first, then the tests by subject: the method (layersync.py); run and resume;
+refusals; signals and crashes; the probe; sample and compare; torchrun.
+"""
+
+import csv
 import math
 import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.datasets.cifar
+from PIL import Image
+from torchvision.models import VisionTransformer
 
 import layersync as L
+import sample as sample_script
+import train_cifar
 
 # tiny models run many times slower when torch's threads outnumber free cores (CI shares 2)
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ("--model SiT-S/4 --depth 3 --hidden-size 32 --num-heads 2 --image-size 8 --batch-size 8 "
+        "--sample-steps 2 --device cpu").split()
 
+
+# ================================================================ helpers and fixtures
 
 def tiny_sit(depth=4, seed=0, perturb=True, **overrides):
     """A small SiT; `perturb` replaces the zero adaLN-Zero init so blocks and outputs differ."""
@@ -38,12 +58,236 @@ def batch(model, n=6, seed=1):
     return x, y
 
 
-# ---------------------------------------------------------------- 1. the loss (Eq. 2)
-
 def cosine_formula(weak, strong):
     w, s = weak.double(), strong.double()
     return -((w * s).sum(-1) / (w.norm(dim=-1) * s.norm(dim=-1))).mean()
 
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def loss_and_grads(model, x, y, pairs, weight, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = L.training_loss(model, x, y, pairs, weight)
+    out["loss"].backward()
+    return out, grads(model)
+
+
+MU, S = 1.5, 0.5
+
+
+def gaussian_velocity(x, t):
+    """PAPER.md Sec. 5: exact marginal velocity for data N(mu, s^2 I)."""
+    t = t.view(-1, *([1] * (x.dim() - 1)))
+    s_t = t ** 2 * S ** 2 + (1 - t) ** 2
+    return MU + (t * S ** 2 - (1 - t)) / s_t * (x - t * MU)
+
+
+def tiny_vit(depth=4, seed=0):
+    """torchvision's VisionTransformer, tiny: 16 patches + a class token, width 16."""
+    torch.manual_seed(seed)
+    model = VisionTransformer(image_size=16, patch_size=4, num_layers=depth, num_heads=2,
+                              hidden_dim=16, mlp_dim=32, num_classes=5)
+    with torch.no_grad():  # torchvision starts the class token at 0; any value tests more
+        model.class_token.normal_()
+    return model.eval()
+
+
+def vit_blocks_by_hand(model, images):
+    """Every encoder block's output, walking torchvision's own forward step by step."""
+    x = model._process_input(images)
+    x = torch.cat([model.class_token.expand(len(x), -1, -1), x], dim=1) + model.encoder.pos_embedding
+    outputs = []
+    for block in model.encoder.layers:
+        x = block(x)
+        outputs.append(x)
+    return outputs
+
+
+def hook_count(blocks):
+    return sum(len(block._forward_hooks) for block in blocks)
+
+
+class TupleBlock(torch.nn.Module):
+    """A block that returns (hidden, attention-like extra), as joint-attention blocks do."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x), x.mean()
+
+
+COLOURS = torch.tensor([[0.8, -0.8, -0.8], [-0.8, 0.8, -0.8], [-0.8, -0.8, 0.8], [0.5, 0.5, -0.5]])
+
+
+@pytest.fixture(scope="module")
+def trained_colour_model():
+    """A 4-block SiT trained for 600 steps on 4 classes, each a flat colour plus noise."""
+    torch.manual_seed(0)
+    model = L.SiT(input_size=8, patch_size=4, in_channels=3, hidden_size=64, depth=4,
+                  num_heads=4, num_classes=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)
+    for _ in range(600):
+        y = torch.randint(0, 4, (64,))
+        x1 = COLOURS[y][:, :, None, None] + 0.1 * torch.randn(64, 3, 8, 8)
+        loss = L.training_loss(model, x1, y, [(1, 3)], 0.2)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def colour_images(labels, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = COLOURS[labels][:, :, None, None] + 0.1 * torch.randn(len(labels), 3, 8, 8, generator=g)
+    return x.clamp(-1, 1)
+
+
+def probe_colour_model(model):
+    """The probe on the colour-class toy: fit on 200 fresh images, score on 100 others."""
+    fit_y, test_y = torch.arange(200) % 4, torch.arange(100) % 4
+    return L.linear_probe(model.eval(), (colour_images(fit_y, 1), fit_y), (colour_images(test_y, 2), test_y),
+                          [1.0, 0.0], teacher=3)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """3 classes x 8 images of odd sizes and flat random colours, as torchvision's ImageFolder reads."""
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        os.makedirs(tmp_path / "images" / f"class{c}")
+        for i in range(8):
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            Image.new("RGB", (12, 10), colour).save(tmp_path / "images" / f"class{c}" / f"{i}.png")
+    return str(tmp_path / "images")
+
+
+def image_folder_with(tmp_path, images: dict):
+    """One class folder per image, {name.ext: PIL image}."""
+    for name, image in images.items():
+        folder = tmp_path / "modes" / name.split(".")[0]
+        os.makedirs(folder)
+        image.save(folder / name)
+    return str(tmp_path / "modes")
+
+
+def write_fake_cifar10(root, per_batch=20):
+    """A small cifar-10-batches-py in torchvision's on-disk format (pickled dicts, CHW rows)."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
+        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, per_batch)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                     "horse", "ship", "truck"]}, f)
+
+
+def train(folder, out, *extra):
+    return train_cifar.main(["--data", folder, "--out", str(out), *TINY, *extra])
+
+
+def run_error(argv, fn=train_cifar.main):
+    with pytest.raises(SystemExit) as error:
+        fn(argv)
+    return str(error.value.code)
+
+
+def checkpoint(run_folder):
+    """The last.pt of a run folder, as train_cifar.py wrote it."""
+    return torch.load(os.path.join(run_folder, "last.pt"), weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict, optimizer=True):
+    """Two checkpoints hold bit-identical weights, EMA and (optionally) optimizer moments."""
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys(), key
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
+    if optimizer:
+        for i, state in a["optimizer"]["state"].items():
+            assert all(torch.equal(state[k], b["optimizer"]["state"][i][k]) for k in state), i
+
+
+def poison_training_loss(monkeypatch, at_call: int, effect):
+    """train_cifar's training_loss, with `effect(out)` applied at its `at_call`-th call (1-based)."""
+    real_loss, calls = train_cifar.training_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        out = real_loss(*args, **kwargs)
+        if len(calls) == at_call:
+            effect(out)
+        return out
+    monkeypatch.setattr(train_cifar, "training_loss", poisoned)
+
+
+def cli(script, *args):
+    """The command line that runs one of the project's scripts."""
+    return [sys.executable, os.path.join(HERE, script), *args]
+
+
+def run_cli(script, *args, timeout=120, **popen):
+    """The script as a user runs it, one thread (as in this process, so results compare bit for bit)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(cli(script, *args), capture_output=True,
+                          text=True, timeout=timeout, env=env, **popen)
+
+
+def assert_one_line_error(result, *fragments):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if data is read or sampling starts: refusals must come before both."""
+    def forbidden(*_, **__):
+        raise AssertionError("work started before the input was checked")
+    monkeypatch.setattr(train_cifar, "load_data", forbidden)
+    monkeypatch.setattr(sample_script, "generate", forbidden)
+
+
+def terminate_after_two_logged_steps(cmd, out, timeout=120):
+    """Start a training command, send SIGTERM once metrics.csv has two rows; returns (code, stderr)."""
+    import time
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.csv").exists() and len(open(out / "metrics.csv").readlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)  # torchrun gives its workers 30 s before killing them
+    return proc.returncode, stderr
+
+
+def torchrun(*args, processes=2, timeout=180, **popen):
+    """train_cifar.py under `python -m torch.distributed.run`, as a user launches it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           os.path.join(HERE, "train_cifar.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **popen)
+
+
+# given after TINY: the later --batch-size wins
+DDP = ["--batch-size", "12", "--lr", "3e-3", "--log-every", "4", "--sample-every", "1000",
+       "--ckpt-every", "1000", "--probe-every", "0"]
+
+
+# ================================================================ 1. the method (layersync.py)
+
+# ---------------------------------------------------------------- the loss, Eq. 2
 
 @pytest.mark.parametrize("shape", [(16,), (3, 16), (4, 7, 16), (2, 3, 5, 8)])
 def test_loss_equals_formula_on_any_leading_shape(shape):
@@ -83,29 +327,7 @@ def test_loss_rejects_mismatched_shapes():
         L.layersync_loss(torch.randn(2, 4, 8), torch.randn(2, 4, 16))
 
 
-# ---------------------------------------------------------------- 1b. record_blocks: Eq. 2 on a model nobody here wrote
-
-def tiny_vit(depth=4, seed=0):
-    """torchvision's VisionTransformer, tiny: 16 patches + a class token, width 16."""
-    from torchvision.models import VisionTransformer
-    torch.manual_seed(seed)
-    model = VisionTransformer(image_size=16, patch_size=4, num_layers=depth, num_heads=2,
-                              hidden_dim=16, mlp_dim=32, num_classes=5)
-    with torch.no_grad():  # torchvision starts the class token at 0; any value tests more
-        model.class_token.normal_()
-    return model.eval()
-
-
-def vit_blocks_by_hand(model, images):
-    """Every encoder block's output, walking torchvision's own forward step by step."""
-    x = model._process_input(images)
-    x = torch.cat([model.class_token.expand(len(x), -1, -1), x], dim=1) + model.encoder.pos_embedding
-    outputs = []
-    for block in model.encoder.layers:
-        x = block(x)
-        outputs.append(x)
-    return outputs
-
+# ---------------------------------------------------------------- record_blocks: Eq. 2 on a model nobody here wrote
 
 def test_record_blocks_equals_the_blocks_by_hand():
     model = tiny_vit()
@@ -133,10 +355,6 @@ def test_record_blocks_gradient_reaches_blocks_up_to_k_only():
         assert (grad > 0) == (i < 2), (i, grad)  # blocks 1..k learn, blocks after k do not
     assert model.conv_proj.weight.grad.abs().sum() > 0
     assert model.heads.head.weight.grad is None
-
-
-def hook_count(blocks):
-    return sum(len(block._forward_hooks) for block in blocks)
 
 
 def test_record_blocks_removes_its_hooks_on_exit_and_on_error():
@@ -168,17 +386,6 @@ def test_record_blocks_refuses_bad_block_numbers_before_registering(numbers):
         assert hook_count(blocks) == 2 and not out
 
 
-class TupleBlock(torch.nn.Module):
-    """A block that returns (hidden, attention-like extra), as joint-attention blocks do."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x):
-        return self.block(x), x.mean()
-
-
 def test_record_blocks_pick_selects_the_tensor_of_a_tuple_output():
     model = tiny_vit()
     blocks = torch.nn.ModuleList(TupleBlock(b) for b in model.encoder.layers)
@@ -196,7 +403,6 @@ def test_record_blocks_pick_selects_the_tensor_of_a_tuple_output():
 
 
 def test_readme_hook_example_runs_as_printed():
-    import re
     readme = open(os.path.join(HERE, "README.md")).read()
     example, = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "record_blocks(" in block]
     scope = {}
@@ -220,7 +426,7 @@ def test_record_blocks_on_the_sit_gives_training_losss_eq2():
     assert torch.equal(out[2], h2) and torch.equal(out[4], h4)
 
 
-# ---------------------------------------------------------------- 2. the SiT
+# ---------------------------------------------------------------- the SiT
 
 @pytest.mark.parametrize("name,input_size,channels", [
     ("SiT-S/2", 32, 3), ("SiT-S/4", 32, 3), ("SiT-S/8", 32, 3), ("SiT-B/4", 16, 4), ("SiT-L/8", 64, 1)])
@@ -314,19 +520,7 @@ def test_label_dropout_uses_null_class_only_in_training():
     assert tiny_sit(class_dropout_prob=0.0).y_embedder.table.num_embeddings == 5  # no null row
 
 
-# ---------------------------------------------------------------- 3. the objective (Eq. 1 + 3)
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def loss_and_grads(model, x, y, pairs, weight, seed=0):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    out = L.training_loss(model, x, y, pairs, weight)
-    out["loss"].backward()
-    return out, grads(model)
-
+# ---------------------------------------------------------------- the objective, Eq. 1 + 3
 
 def test_objective_is_fm_plus_weighted_layersync():
     model = tiny_sit()
@@ -422,17 +616,27 @@ def test_training_step_compiles_without_graph_breaks():
     assert torch.allclose(compiled(x, y), eager, atol=1e-6)
 
 
-# ---------------------------------------------------------------- 4. samplers
+def test_library_refuses_its_traps():
+    model = tiny_sit(depth=4)
+    x, y = batch(model)
+    with pytest.raises(ValueError, match="plain baseline"):
+        L.training_loss(model, x, y, (), 0.2)  # the public code's trap: a weight but no pair
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        L.training_loss(model, x, y, [(1, 3)], float("nan"))
+    with pytest.raises(ValueError, match="empty"):
+        L.training_loss(model, x[:0], y[:0], [(1, 3)], 0.2)
+    torch.manual_seed(0)
+    plain = L.training_loss(model, x, y, [(1, 3)], 0.2)["loss"]
+    for pair in [(np.int64(1), np.int32(3)), (torch.tensor(1), torch.tensor(3)), [1, 3]]:
+        assert L.check_layersync_pairs([pair], 4) == [(1, 3)]
+        torch.manual_seed(0)
+        assert torch.equal(L.training_loss(model, x, y, [pair], 0.2)["loss"], plain)
+    for bad in [(1.0, 3), (torch.tensor(1.5), 3), "13"]:
+        with pytest.raises(ValueError, match="two block numbers"):
+            L.check_layersync_pairs([bad], 4)
 
-MU, S = 1.5, 0.5
 
-
-def gaussian_velocity(x, t):
-    """PAPER.md Sec. 5: exact marginal velocity for data N(mu, s^2 I)."""
-    t = t.view(-1, *([1] * (x.dim() - 1)))
-    s_t = t ** 2 * S ** 2 + (1 - t) ** 2
-    return MU + (t * S ** 2 - (1 - t)) / s_t * (x - t * MU)
-
+# ---------------------------------------------------------------- samplers
 
 @pytest.mark.parametrize("method,order", [("euler", 1.0), ("heun", 2.0)])
 def test_sampler_converges_with_its_order(method, order):
@@ -477,27 +681,7 @@ def test_guided_velocity_is_the_cfg_formula_in_one_forward():
         L.guided_velocity(model.train(), y, 2.0)
 
 
-# ---------------------------------------------------------------- learning, end to end
-
-COLOURS = torch.tensor([[0.8, -0.8, -0.8], [-0.8, 0.8, -0.8], [-0.8, -0.8, 0.8], [0.5, 0.5, -0.5]])
-
-
-@pytest.fixture(scope="module")
-def trained_colour_model():
-    """A 4-block SiT trained for 600 steps on 4 classes, each a flat colour plus noise."""
-    torch.manual_seed(0)
-    model = L.SiT(input_size=8, patch_size=4, in_channels=3, hidden_size=64, depth=4,
-                  num_heads=4, num_classes=4)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)
-    for _ in range(600):
-        y = torch.randint(0, 4, (64,))
-        x1 = COLOURS[y][:, :, None, None] + 0.1 * torch.randn(64, 3, 8, 8)
-        loss = L.training_loss(model, x1, y, [(1, 3)], 0.2)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
+# ---------------------------------------------------------------- learning, end to end, and the README's line map
 
 def test_tiny_sit_learns_class_colours(trained_colour_model):
     """Samples must come back in their class's colour."""
@@ -511,7 +695,6 @@ def test_tiny_sit_learns_class_colours(trained_colour_model):
 
 
 def test_readme_paper_to_code_map_points_at_the_right_lines():
-    import re
     source = open(os.path.join(HERE, "layersync.py")).read().splitlines()
     rows = re.findall(r"^\| .* \| `([A-Za-z_.]+)[^|]*, lines (\d+)-(\d+) \|$",
                       open(os.path.join(HERE, "README.md")).read(), re.M)
@@ -527,51 +710,12 @@ def test_readme_paper_to_code_map_points_at_the_right_lines():
         assert covers or inside, (name, first, last)
 
 
-# ================================================================ train_cifar.py and sample.py
-
-import csv  # noqa: E402
-import os  # noqa: E402
-import pickle  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torchvision.datasets.cifar  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import sample as sample_script  # noqa: E402
-import train_cifar  # noqa: E402
-
-TINY = ("--model SiT-S/4 --depth 3 --hidden-size 32 --num-heads 2 --image-size 8 --batch-size 8 "
-        "--sample-steps 2 --device cpu").split()
-
-
-@pytest.fixture
-def image_folder(tmp_path):
-    """3 classes x 8 images of odd sizes and flat random colours, as torchvision's ImageFolder reads."""
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        os.makedirs(tmp_path / "images" / f"class{c}")
-        for i in range(8):
-            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-            Image.new("RGB", (12, 10), colour).save(tmp_path / "images" / f"class{c}" / f"{i}.png")
-    return str(tmp_path / "images")
-
-
-def train(folder, out, *extra):
-    return train_cifar.main(["--data", folder, "--out", str(out), *TINY, *extra])
-
-
-def run_error(argv, fn=train_cifar.main):
-    with pytest.raises(SystemExit) as error:
-        fn(argv)
-    return str(error.value.code)
-
+# ================================================================ 2. run and resume (train_cifar.py)
 
 def test_short_run_writes_checkpoint_metrics_and_grids(image_folder, tmp_path):
     out = tmp_path / "run"
     train(image_folder, out, "--steps", "4", "--log-every", "2", "--sample-every", "2", "--ckpt-every", "2")
-    ckpt = torch.load(out / "last.pt", weights_only=True)  # data only, no pickled code
+    ckpt = checkpoint(out)  # data only, no pickled code
     assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "rng"} and ckpt["step"] == 4
     assert ckpt["config"]["model"] == dict(input_size=8, patch_size=4, in_channels=3, hidden_size=32,
                                            depth=3, num_heads=2, num_classes=3)
@@ -590,81 +734,145 @@ def test_resume_equals_uninterrupted_bit_for_bit(image_folder, tmp_path):
     common = ["--log-every", "3", "--sample-every", "100", "--ckpt-every", "100"]
     train(image_folder, tmp_path / "straight", "--steps", "10", *common)
     train(image_folder, tmp_path / "resumed", "--steps", "5", *common)
-    halfway = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    halfway = checkpoint(tmp_path / "resumed")
     train(image_folder, tmp_path / "resumed", "--steps", "10", "--resume", *common)
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    a = checkpoint(tmp_path / "straight")
+    b = checkpoint(tmp_path / "resumed")
     assert a["step"] == b["step"] == 10
-    for key in ("model", "ema"):
-        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
-    for i, state in a["optimizer"]["state"].items():
-        assert all(torch.equal(state[k], b["optimizer"]["state"][i][k]) for k in state)
+    assert_same_training_state(a, b)
     assert torch.equal(a["rng"]["ranks"][0]["torch"], b["rng"]["ranks"][0]["torch"])
     assert not torch.equal(a["model"]["blocks.0.attn.qkv.weight"], halfway["model"]["blocks.0.attn.qkv.weight"])
     steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "resumed" / "metrics.csv"))]
     assert steps == [3, 5, 6, 9, 10]  # resumed rows follow on, none repeated
 
 
-@pytest.mark.parametrize("crash", [OSError(28, "No space left on device"), KeyboardInterrupt()])
-def test_crash_while_saving_keeps_the_old_checkpoint(image_folder, tmp_path, monkeypatch, crash):
+def test_a_checkpoint_from_before_the_redesign_resumes_bit_exactly(image_folder, tmp_path):
+    """test_data/last_v1.pt: 2 steps of this tiny run on the image_folder fixture's images, written
+    by train_cifar.py as it was before its readability redesign (commit 582a92f). Resumed to step 4
+    by today's code, it must equal 4 uninterrupted steps of today's code, bit for bit."""
+    flags = ["--model", "SiT-S/4", "--depth", "2", "--hidden-size", "8", "--num-heads", "2", "--image-size", "8",
+             "--batch-size", "8", "--sample-steps", "2", "--device", "cpu", "--log-every", "1",
+             "--probe-every", "0", "--sample-every", "1000"]
+    old = torch.load(os.path.join(HERE, "test_data", "last_v1.pt"), weights_only=True)
+    assert old["step"] == 2 and set(old) == {"model", "ema", "optimizer", "step", "config", "rng"}
+    old["config"]["data"] = os.path.realpath(image_folder)  # the same images, written in another folder
+    os.makedirs(tmp_path / "resumed")
+    torch.save(old, tmp_path / "resumed" / "last.pt")
+    train_cifar.main(["--data", image_folder, "--out", str(tmp_path / "resumed"), *flags, "--steps", "4", "--resume"])
+    train_cifar.main(["--data", image_folder, "--out", str(tmp_path / "straight"), *flags, "--steps", "4"])
+    resumed, straight = checkpoint(tmp_path / "resumed"), checkpoint(tmp_path / "straight")
+    assert resumed["step"] == straight["step"] == 4
+    assert_same_training_state(resumed, straight)
+    assert not torch.equal(resumed["model"]["blocks.0.attn.qkv.weight"], old["model"]["blocks.0.attn.qkv.weight"])
+
+
+def test_trains_on_cifar10_format(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path / "data")
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)  # fake md5s
     out = tmp_path / "run"
-    train(image_folder, out, "--steps", "2")
-    before = (out / "last.pt").read_bytes()
-
-    def broken_save(obj, f):
-        f.write(b"half a checkpoint")
-        raise crash
-    monkeypatch.setattr(train_cifar.torch, "save", broken_save)
-    with pytest.raises(SystemExit if isinstance(crash, OSError) else KeyboardInterrupt) as error:
-        train(image_folder, out, "--steps", "4", "--resume")
-    if isinstance(crash, OSError):  # a full disk: one line that says the old checkpoint is intact
-        message = str(error.value.code)
-        assert "No space left" in message and "intact" in message and "\n" not in message
-    monkeypatch.undo()
-    assert (out / "last.pt").read_bytes() == before
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
-    assert not (out / "last.pt.tmp").exists()
+    tiny = [a if a != "8" else "32" for a in TINY]  # CIFAR-10 is 32x32
+    train_cifar.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), *tiny, "--steps", "2"])
+    ckpt = checkpoint(out)
+    assert ckpt["config"]["model"]["num_classes"] == 10 and ckpt["config"]["classes"][9] == "truck"
+    assert Image.open(out / "samples_0000002.png").size == (8 * 32 + 18, 10 * 32 + 22)
+    # the probe fits on the training split and scores on test_batch: 3 blocks x 2 noise levels
+    assert len(list(csv.DictReader(open(out / "probe.csv")))) == 6
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, monkeypatch):
-    calls = []
-    real_loss = train_cifar.training_loss
+def test_device_batches_shuffle_flip_and_scale():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).clone()
+    images[:, :, :, 1] += 100  # the right column is brighter: a flip is visible
+    batches = train_cifar.DeviceBatches(images, torch.arange(10), 5, seed=0, device="cpu")
+    seen, flipped = [], 0
+    for _ in range(2):  # one epoch = two batches of five
+        x, y = batches.next()
+        assert x.min() >= -1 and x.max() <= 1
+        pixel = ((x + 1) * 127.5).round()
+        assert torch.equal(pixel[:, 0, 0, :].min(1).values, y.double().float())  # image i has label i
+        flipped += (pixel[:, 0, 0, 0] > pixel[:, 0, 0, 1]).sum().item()
+        seen += y.tolist()
+    assert sorted(seen) == list(range(10)) and 0 < flipped < 10
 
-    def poisoned(*args, **kwargs):
-        out = real_loss(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 4:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-    monkeypatch.setattr(train_cifar, "training_loss", poisoned)
+
+def test_ema_warm_up():
+    ema, params = [torch.zeros(3)], [torch.ones(3)]
+    train_cifar.update_ema(ema, params, step=0, max_decay=0.9999)  # decay 1/10 at the start
+    assert torch.allclose(ema[0], torch.full((3,), 0.9))
+    ema = [torch.zeros(3)]
+    train_cifar.update_ema(ema, params, step=10**6, max_decay=0.9999)
+    assert torch.allclose(ema[0], torch.full((3,), 1e-4))
+
+
+def test_grad_clip_zero_means_no_clipping(image_folder, tmp_path):
+    common = ["--steps", "3", "--lr", "1e-2"]
+    weights = {}
+    for clip in ("0", "1e9", "1e-3"):
+        train(image_folder, tmp_path / clip, "--grad-clip", clip, *common)
+        weights[clip] = checkpoint(tmp_path / clip)["model"]
+    for name in weights["0"]:  # 0 = never clip: the same as a bound that is never reached
+        assert torch.equal(weights["0"][name], weights["1e9"][name]), name
+    assert any(not torch.equal(weights["0"][n], weights["1e-3"][n]) for n in weights["0"])
+    norms = [float(r["grad_norm"]) for r in csv.DictReader(open(tmp_path / "0" / "metrics.csv"))]
+    assert norms and all(n > 0 for n in norms)  # still measured
+
+
+def test_one_block_baseline_trains_and_one_block_layersync_is_refused(image_folder, tmp_path, capsys):
+    train(image_folder, tmp_path / "one", "--depth", "1", "--layersync-weight", "0", "--steps", "2")
+    ckpt = checkpoint(tmp_path / "one")
+    assert ckpt["config"]["model"]["depth"] == 1 and ckpt["config"]["layersync_pairs"] == []
+    error = run_error(["--data", image_folder, "--out", str(tmp_path / "two"), *TINY, "--depth", "1"])
+    assert "at least 2 blocks" in error and "--layersync-weight 0" in error
+
+
+def test_flips_are_a_choice_recorded_and_shown(image_folder, tmp_path, capsys):
+    images = torch.zeros(8, 3, 2, 2, dtype=torch.uint8)
+    images[:, :, :, 1] = 255
+    for hflip, expect_flips in ((False, False), (True, True)):
+        batches = train_cifar.DeviceBatches(images, torch.zeros(8, dtype=torch.long), 8, 0, "cpu", hflip)
+        flipped = (batches.next()[0][:, 0, 0, 0] > 0).any().item()
+        assert flipped == expect_flips
+    train(image_folder, tmp_path / "run", "--steps", "1", "--no-hflip")
+    assert checkpoint(tmp_path / "run")["config"]["hflip"] is False
+    banner = capsys.readouterr().out
+    assert "flips off" in banner
+    assert "SiT-S/4 changed by --depth --hidden-size --num-heads: depth 3, width 32, 2 heads, patch 4" in banner
+
+
+def test_resume_edge_cases(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    message = run_error(["--data", image_folder, "--out", str(out), *TINY, "--steps", "8",
-                         "--ckpt-every", "2", "--log-every", "3"])
-    assert "non-finite at step 4" in message and "last.pt" in message
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    train(image_folder, out, "--steps", "2", "--log-every", "1")
+    # the same folder spelled relative to another working directory is the same data
+    monkeypatch.chdir(os.path.dirname(image_folder))
+    with open(out / "metrics.csv", "a") as f:
+        f.write("garbage,row\n3,not,a,number\n")  # a hand edit, a line cut by kill -9
+    train(os.path.basename(image_folder), out, "--steps", "3", "--resume", "--log-every", "1")
+    assert [r["step"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["1", "2", "3"]
+    # renamed class folders would shift every label: refused
+    os.rename(os.path.join(image_folder, "class2"), os.path.join(image_folder, "zebra"))
+    error = run_error(["--data", image_folder, "--out", str(out), *TINY, "--steps", "4", "--resume"])
+    assert "classes:" in error and "zebra" in error and "\n" not in error
+    # a dict that is not ours
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, out / "last.pt")
+    for argv, fn in ((["--data", image_folder, "--out", str(out), *TINY, "--resume"], train_cifar.main),
+                     (["--ckpt", str(out / "last.pt"), "--grid", "g.png"], sample_script.main)):
+        error = run_error(argv, fn)
+        assert "not a train_cifar.py checkpoint" in error and "state_dict" in error and "\n" not in error
 
 
-def test_ctrl_c_finishes_the_step_saves_and_stops(image_folder, tmp_path, monkeypatch):
-    import signal
-    calls = []
-    real_loss = train_cifar.training_loss
+def test_bench_times_baseline_and_layersync(capsys):
+    times = train_cifar.main([*TINY, "--bench", "--bench-steps", "2", "--bench-warmup", "1", "--probe-every", "500"])
+    assert set(times) == {"baseline", "layersync", "probe_per_image"} and all(t > 0 for t in times.values())
+    printed = capsys.readouterr().out
+    assert "img/s" in printed and "LayerSync / baseline step time" in printed
+    share = 100 * 20_000 * times["probe_per_image"] / (500 * times["layersync"])  # the probe's cost arithmetic
+    assert f"every 500 steps of batch 8 would add {share:.2f}% to the training time" in printed
 
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
-        return real_loss(*args, **kwargs)
-    monkeypatch.setattr(train_cifar, "training_loss", interrupted)
-    with pytest.raises(SystemExit) as error:
-        train(image_folder, tmp_path / "run", "--steps", "10", "--ckpt-every", "100")
-    assert error.value.code == 128 + signal.SIGINT  # interrupted, not finished
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
 
+# ================================================================ 3. refusals: bad input gets one line, before any work
 
 def test_command_line_errors_are_one_line_without_traceback(image_folder, tmp_path):
-    cmd = [sys.executable, os.path.join(HERE, "train_cifar.py"), "--data", image_folder,
-           "--out", str(tmp_path / "x"), *TINY, "--depth", "12", "--layersync-pairs", "7:3"]
+    cmd = cli("train_cifar.py", "--data", image_folder, "--out", str(tmp_path / "x"), *TINY,
+              "--depth", "12", "--layersync-pairs", "7:3")
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "error: --layersync-pairs" in result.stderr and "e.g. 3:7" in result.stderr
@@ -702,124 +910,6 @@ def test_resume_refuses_another_configuration(image_folder, tmp_path):
     assert "no checkpoint" in run_error(["--data", image_folder, "--out", str(tmp_path / "new"), *TINY, "--resume"])
 
 
-def write_fake_cifar10(root, per_batch=20):
-    """A small cifar-10-batches-py in torchvision's on-disk format (pickled dicts, CHW rows)."""
-    folder = os.path.join(root, "cifar-10-batches-py")
-    os.makedirs(folder)
-    rng = np.random.default_rng(0)
-    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
-        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 "labels": [int(v) for v in rng.integers(0, 10, per_batch)]}
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump(batch, f)
-    with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                                     "horse", "ship", "truck"]}, f)
-
-
-def test_trains_on_cifar10_format(tmp_path, monkeypatch):
-    write_fake_cifar10(tmp_path / "data")
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)  # fake md5s
-    out = tmp_path / "run"
-    tiny = [a if a != "8" else "32" for a in TINY]  # CIFAR-10 is 32x32
-    train_cifar.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), *tiny, "--steps", "2"])
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["config"]["model"]["num_classes"] == 10 and ckpt["config"]["classes"][9] == "truck"
-    assert Image.open(out / "samples_0000002.png").size == (8 * 32 + 18, 10 * 32 + 22)
-    # the probe fits on the training split and scores on test_batch: 3 blocks x 2 noise levels
-    assert len(list(csv.DictReader(open(out / "probe.csv")))) == 6
-
-
-def test_device_batches_shuffle_flip_and_scale():
-    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).clone()
-    images[:, :, :, 1] += 100  # the right column is brighter: a flip is visible
-    batches = train_cifar.DeviceBatches(images, torch.arange(10), 5, seed=0, device="cpu")
-    seen, flipped = [], 0
-    for _ in range(2):  # one epoch = two batches of five
-        x, y = batches.next()
-        assert x.min() >= -1 and x.max() <= 1
-        pixel = ((x + 1) * 127.5).round()
-        assert torch.equal(pixel[:, 0, 0, :].min(1).values, y.double().float())  # image i has label i
-        flipped += (pixel[:, 0, 0, 0] > pixel[:, 0, 0, 1]).sum().item()
-        seen += y.tolist()
-    assert sorted(seen) == list(range(10)) and 0 < flipped < 10
-
-
-def test_ema_warm_up():
-    ema, params = [torch.zeros(3)], [torch.ones(3)]
-    train_cifar.update_ema(ema, params, step=0, max_decay=0.9999)  # decay 1/10 at the start
-    assert torch.allclose(ema[0], torch.full((3,), 0.9))
-    ema = [torch.zeros(3)]
-    train_cifar.update_ema(ema, params, step=10**6, max_decay=0.9999)
-    assert torch.allclose(ema[0], torch.full((3,), 1e-4))
-
-
-def test_sample_writes_grid_and_adm_npz(image_folder, tmp_path):
-    train(image_folder, tmp_path / "run", "--steps", "2")
-    ckpt = str(tmp_path / "run" / "last.pt")
-    npz, grid = str(tmp_path / "s.npz"), str(tmp_path / "g.png")
-    sample_script.main(["--ckpt", ckpt, "--n", "7", "--steps", "2", "--batch-size", "4",
-                        "--npz", npz, "--grid", grid, "--device", "cpu"])
-    data = np.load(npz)
-    assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (7, 8, 8, 3)
-    assert data["arr_1"].tolist() == [0, 1, 2, 0, 1, 2, 0]
-    assert Image.open(grid).size == (3 * 8 + 4 * 2, 3 * 8 + 4 * 2)
-    # the same seed gives the same images whatever the batch size; --class-label fixes the class
-    sample_script.main(["--ckpt", ckpt, "--n", "7", "--steps", "2", "--batch-size", "7", "--npz", npz,
-                        "--device", "cpu"])
-    assert np.array_equal(np.load(npz)["arr_0"], data["arr_0"])
-    sample_script.main(["--ckpt", ckpt, "--n", "4", "--steps", "2", "--class-label", "2", "--method", "euler",
-                        "--cfg-scale", "2", "--npz", npz, "--device", "cpu"])
-    assert np.load(npz)["arr_1"].tolist() == [2, 2, 2, 2]
-    assert "classes 0..2" in run_error(["--ckpt", ckpt, "--class-label", "3", "--grid", grid],
-                                       sample_script.main)
-
-
-def test_sample_fid_without_torch_fidelity_says_what_to_install(image_folder, tmp_path, monkeypatch):
-    train(image_folder, tmp_path / "run", "--steps", "1")
-    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import fails as if not installed
-    message = run_error(["--ckpt", str(tmp_path / "run" / "last.pt"), "--n", "2", "--steps", "1", "--fid",
-                         "--device", "cpu"], sample_script.main)
-    assert "pip install torch-fidelity" in message
-    assert "no checkpoint" in run_error(["--ckpt", str(tmp_path / "nope.pt"), "--grid", "g.png"],
-                                        sample_script.main)
-
-
-def test_bench_times_baseline_and_layersync(capsys):
-    times = train_cifar.main([*TINY, "--bench", "--bench-steps", "2", "--bench-warmup", "1", "--probe-every", "500"])
-    assert set(times) == {"baseline", "layersync", "probe_per_image"} and all(t > 0 for t in times.values())
-    printed = capsys.readouterr().out
-    assert "img/s" in printed and "LayerSync / baseline step time" in printed
-    share = 100 * 20_000 * times["probe_per_image"] / (500 * times["layersync"])  # the probe's cost arithmetic
-    assert f"every 500 steps of batch 8 would add {share:.2f}% to the training time" in printed
-
-
-# ================================================================ bad input is refused before any work
-
-def run_cli(script, *args, timeout=120, **popen):
-    """The script as a user runs it, one thread (as in this process, so results compare bit for bit)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, **popen)
-
-
-def assert_one_line_error(result, *fragments):
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fails the test if data is read or sampling starts: refusals must come before both."""
-    def forbidden(*_, **__):
-        raise AssertionError("work started before the input was checked")
-    monkeypatch.setattr(train_cifar, "load_data", forbidden)
-    monkeypatch.setattr(sample_script, "generate", forbidden)
-
-
 @pytest.mark.parametrize("flag,value,message", [
     ("--grad-clip", "-1", "[0, inf)"), ("--ema-decay", "1", "[0, 1)"), ("--ema-decay", "-0.5", "[0, 1)"),
     ("--layersync-weight", "-0.2", "[0, inf)"), ("--layersync-weight", "nan", "finite"),
@@ -852,28 +942,6 @@ def test_refusals_through_the_command_line(image_folder, tmp_path):
     assert_one_line_error(result, "--device tpu")
     result = run_cli("sample.py", "--ckpt", "nope.pt", "--grid", str(tmp_path / "missing" / "g.png"), cwd=tmp_path)
     assert_one_line_error(result, "--grid", "does not exist")
-
-
-def test_grad_clip_zero_means_no_clipping(image_folder, tmp_path):
-    common = ["--steps", "3", "--lr", "1e-2"]
-    weights = {}
-    for clip in ("0", "1e9", "1e-3"):
-        train(image_folder, tmp_path / clip, "--grad-clip", clip, *common)
-        weights[clip] = torch.load(tmp_path / clip / "last.pt", weights_only=True)["model"]
-    for name in weights["0"]:  # 0 = never clip: the same as a bound that is never reached
-        assert torch.equal(weights["0"][name], weights["1e9"][name]), name
-    assert any(not torch.equal(weights["0"][n], weights["1e-3"][n]) for n in weights["0"])
-    norms = [float(r["grad_norm"]) for r in csv.DictReader(open(tmp_path / "0" / "metrics.csv"))]
-    assert norms and all(n > 0 for n in norms)  # still measured
-
-
-def image_folder_with(tmp_path, images: dict):
-    """One class folder per image, {name.ext: PIL image}."""
-    for name, image in images.items():
-        folder = tmp_path / "modes" / name.split(".")[0]
-        os.makedirs(folder)
-        image.save(folder / name)
-    return str(tmp_path / "modes")
 
 
 def test_every_image_mode_reads_right(tmp_path):
@@ -922,106 +990,74 @@ def test_sample_checks_its_outputs_before_sampling(image_folder, tmp_path, monke
     assert "pip install torch-fidelity" in run_error([*base, "--fid"], sample_script.main)
 
 
-def terminate_after_two_logged_steps(cmd, out, timeout=120):
-    """Start a training command, send SIGTERM once metrics.csv has two rows; returns (code, stderr)."""
-    import signal
-    import time
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.csv").exists() and len(open(out / "metrics.csv").readlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)  # torchrun gives its workers 30 s before killing them
-    return proc.returncode, stderr
+def test_sample_fid_without_torch_fidelity_says_what_to_install(image_folder, tmp_path, monkeypatch):
+    train(image_folder, tmp_path / "run", "--steps", "1")
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import fails as if not installed
+    message = run_error(["--ckpt", str(tmp_path / "run" / "last.pt"), "--n", "2", "--steps", "1", "--fid",
+                         "--device", "cpu"], sample_script.main)
+    assert "pip install torch-fidelity" in message
+    assert "no checkpoint" in run_error(["--ckpt", str(tmp_path / "nope.pt"), "--grid", "g.png"],
+                                        sample_script.main)
+
+
+# ================================================================ 4. signals and crashes
+
+@pytest.mark.parametrize("crash", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_crash_while_saving_keeps_the_old_checkpoint(image_folder, tmp_path, monkeypatch, crash):
+    out = tmp_path / "run"
+    train(image_folder, out, "--steps", "2")
+    before = (out / "last.pt").read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise crash
+    monkeypatch.setattr(train_cifar.torch, "save", broken_save)
+    with pytest.raises(SystemExit if isinstance(crash, OSError) else KeyboardInterrupt) as error:
+        train(image_folder, out, "--steps", "4", "--resume")
+    if isinstance(crash, OSError):  # a full disk: one line that says the old checkpoint is intact
+        message = str(error.value.code)
+        assert "No space left" in message and "intact" in message and "\n" not in message
+    monkeypatch.undo()
+    assert (out / "last.pt").read_bytes() == before
+    assert checkpoint(out)["step"] == 2
+    assert not (out / "last.pt.tmp").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, monkeypatch):
+    poison_training_loss(monkeypatch, 4, lambda out: out.update(loss=out["loss"] * float("nan")))
+    out = tmp_path / "run"
+    message = run_error(["--data", image_folder, "--out", str(out), *TINY, "--steps", "8",
+                         "--ckpt-every", "2", "--log-every", "3"])
+    assert "non-finite at step 4" in message and "last.pt" in message
+    assert checkpoint(out)["step"] == 2
+
+
+def test_ctrl_c_finishes_the_step_saves_and_stops(image_folder, tmp_path, monkeypatch):
+    # as if the user pressed Ctrl-C during step 3
+    poison_training_loss(monkeypatch, 3, lambda out: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(SystemExit) as error:
+        train(image_folder, tmp_path / "run", "--steps", "10", "--ckpt-every", "100")
+    assert error.value.code == 128 + signal.SIGINT  # interrupted, not finished
+    assert checkpoint(tmp_path / "run")["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
 
 
 def test_sigterm_saves_and_resumes_bit_identical(image_folder, tmp_path):
     """What SLURM sends before it preempts: finish the step, save, exit 143, resume exactly."""
-    import signal
     out = tmp_path / "run"
     common = ["--log-every", "1", "--sample-every", "10000", "--ckpt-every", "10000"]
-    cmd = [sys.executable, os.path.join(HERE, "train_cifar.py"), "--data", image_folder, "--out", str(out),
-           *TINY, "--steps", "10000", *common]
+    cmd = cli("train_cifar.py", "--data", image_folder, "--out", str(out), *TINY, "--steps", "10000", *common)
     code, stderr = terminate_after_two_logged_steps(cmd, out)
     assert code == 128 + signal.SIGTERM, stderr
     assert "interrupted by SIGTERM" in stderr and "--resume" in stderr and "Traceback" not in stderr
-    stopped = torch.load(out / "last.pt", weights_only=True)["step"]
+    stopped = checkpoint(out)["step"]
     assert 2 <= stopped < 10000
     train(image_folder, out, "--steps", str(stopped + 3), "--resume", *common)
     train(image_folder, tmp_path / "straight", "--steps", str(stopped + 3), *common)
-    a = torch.load(out / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
-    for key in ("model", "ema"):
-        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
+    assert_same_training_state(checkpoint(out), checkpoint(tmp_path / "straight"))
 
 
-def test_library_refuses_its_traps():
-    model = tiny_sit(depth=4)
-    x, y = batch(model)
-    with pytest.raises(ValueError, match="plain baseline"):
-        L.training_loss(model, x, y, (), 0.2)  # the public code's trap: a weight but no pair
-    with pytest.raises(ValueError, match="finite and >= 0"):
-        L.training_loss(model, x, y, [(1, 3)], float("nan"))
-    with pytest.raises(ValueError, match="empty"):
-        L.training_loss(model, x[:0], y[:0], [(1, 3)], 0.2)
-    torch.manual_seed(0)
-    plain = L.training_loss(model, x, y, [(1, 3)], 0.2)["loss"]
-    for pair in [(np.int64(1), np.int32(3)), (torch.tensor(1), torch.tensor(3)), [1, 3]]:
-        assert L.check_layersync_pairs([pair], 4) == [(1, 3)]
-        torch.manual_seed(0)
-        assert torch.equal(L.training_loss(model, x, y, [pair], 0.2)["loss"], plain)
-    for bad in [(1.0, 3), (torch.tensor(1.5), 3), "13"]:
-        with pytest.raises(ValueError, match="two block numbers"):
-            L.check_layersync_pairs([bad], 4)
-
-
-def test_resume_edge_cases(image_folder, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    train(image_folder, out, "--steps", "2", "--log-every", "1")
-    # the same folder spelled relative to another working directory is the same data
-    monkeypatch.chdir(os.path.dirname(image_folder))
-    with open(out / "metrics.csv", "a") as f:
-        f.write("garbage,row\n3,not,a,number\n")  # a hand edit, a line cut by kill -9
-    train(os.path.basename(image_folder), out, "--steps", "3", "--resume", "--log-every", "1")
-    assert [r["step"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["1", "2", "3"]
-    # renamed class folders would shift every label: refused
-    os.rename(os.path.join(image_folder, "class2"), os.path.join(image_folder, "zebra"))
-    error = run_error(["--data", image_folder, "--out", str(out), *TINY, "--steps", "4", "--resume"])
-    assert "classes:" in error and "zebra" in error and "\n" not in error
-    # a dict that is not ours
-    torch.save({"state_dict": {"w": torch.zeros(1)}}, out / "last.pt")
-    for argv, fn in ((["--data", image_folder, "--out", str(out), *TINY, "--resume"], train_cifar.main),
-                     (["--ckpt", str(out / "last.pt"), "--grid", "g.png"], sample_script.main)):
-        error = run_error(argv, fn)
-        assert "not a train_cifar.py checkpoint" in error and "state_dict" in error and "\n" not in error
-
-
-def test_one_block_baseline_trains_and_one_block_layersync_is_refused(image_folder, tmp_path, capsys):
-    train(image_folder, tmp_path / "one", "--depth", "1", "--layersync-weight", "0", "--steps", "2")
-    ckpt = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
-    assert ckpt["config"]["model"]["depth"] == 1 and ckpt["config"]["layersync_pairs"] == []
-    error = run_error(["--data", image_folder, "--out", str(tmp_path / "two"), *TINY, "--depth", "1"])
-    assert "at least 2 blocks" in error and "--layersync-weight 0" in error
-
-
-def test_flips_are_a_choice_recorded_and_shown(image_folder, tmp_path, capsys):
-    images = torch.zeros(8, 3, 2, 2, dtype=torch.uint8)
-    images[:, :, :, 1] = 255
-    for hflip, expect_flips in ((False, False), (True, True)):
-        batches = train_cifar.DeviceBatches(images, torch.zeros(8, dtype=torch.long), 8, 0, "cpu", hflip)
-        flipped = (batches.next()[0][:, 0, 0, 0] > 0).any().item()
-        assert flipped == expect_flips
-    train(image_folder, tmp_path / "run", "--steps", "1", "--no-hflip")
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"]["hflip"] is False
-    banner = capsys.readouterr().out
-    assert "flips off" in banner
-    assert "SiT-S/4 changed by --depth --hidden-size --num-heads: depth 3, width 32, 2 heads, patch 4" in banner
-
-
-# ================================================================ the per-block linear probe
+# ================================================================ 5. the per-block linear probe
 
 def test_probe_reads_a_linear_label_and_not_noise():
     g = torch.Generator().manual_seed(0)
@@ -1029,21 +1065,21 @@ def test_probe_reads_a_linear_label_and_not_noise():
     noise = torch.randn(1200, 24, generator=g)
     carrying = noise.clone()
     carrying[:, :10] = F.one_hot(labels, 10)  # the class, exactly, in 10 of 24 dimensions; noise elsewhere
-    accuracy = train_cifar.ridge_probe_accuracy(carrying[:800], labels[:800], carrying[800:], labels[800:], 10)
+    accuracy = L.ridge_probe_accuracy(carrying[:800], labels[:800], carrying[800:], labels[800:], 10)
     assert accuracy == 1.0
-    chance = train_cifar.ridge_probe_accuracy(noise[:800], labels[:800], noise[800:], labels[800:], 10)
+    chance = L.ridge_probe_accuracy(noise[:800], labels[:800], noise[800:], labels[800:], 10)
     assert abs(chance - 0.1) < 0.06  # 400 scored samples: chance within about 3 sigma
 
 
 def test_probe_sees_the_null_label_only():
     model = tiny_sit(depth=3).eval()
-    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
-    features, cosine = train_cifar.block_features(model, images, 0.5, teacher=3)
+    images = torch.rand(5, 3, 8, 8) * 2 - 1
+    features, cosine = L.block_features(model, images, 0.5, teacher=3)
     assert features.shape == (3, 5, 32) and cosine.shape == (3,)
     assert cosine[2].item() == pytest.approx(1.0, abs=1e-5)  # the teacher against itself
     # rebuild x_t by hand: the probe's features are the model's on the null class (5) ...
-    x0 = torch.randn(images.shape, generator=torch.Generator().manual_seed(train_cifar.PROBE_SEED))
-    xt = 0.5 * (images.float() / 127.5 - 1) + 0.5 * x0
+    x0 = torch.randn(images.shape, generator=torch.Generator().manual_seed(1234))  # the default seed
+    xt = 0.5 * images + 0.5 * x0
     t = torch.full((5,), 0.5)
     _, hidden = model(xt, t, torch.full((5,), 5), return_layers=(1, 2, 3))
     assert torch.allclose(features, torch.stack([h.mean(1) for h in hidden]), atol=1e-5)
@@ -1051,30 +1087,19 @@ def test_probe_sees_the_null_label_only():
     _, labelled = model(xt, t, torch.arange(5), return_layers=(1, 2, 3))
     assert not torch.allclose(features, torch.stack([h.mean(1) for h in labelled]), atol=1e-3)
     with pytest.raises(ValueError, match="null class"):
-        train_cifar.block_features(tiny_sit(class_dropout_prob=0.0), images, 1.0)
-
-
-def colour_images(labels, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = COLOURS[labels][:, :, None, None] + 0.1 * torch.randn(len(labels), 3, 8, 8, generator=g)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def probe_colour_model(model):
-    """The probe on the colour-class toy: fit on 200 fresh images, score on 100 others."""
-    fit_y, test_y = torch.arange(200) % 4, torch.arange(100) % 4
-    split = (colour_images(fit_y, 1), fit_y, colour_images(test_y, 2), test_y, "toy")
-    return train_cifar.run_probe(model.eval(), split, [1.0, 0.0], teacher=3)
+        L.block_features(tiny_sit(class_dropout_prob=0.0), images, 1.0)
 
 
 def test_probe_on_the_trained_colour_toy(trained_colour_model):
-    rows = probe_colour_model(trained_colour_model)
-    clean = [row["accuracy"] for row in rows if row["t"] == 1.0]
-    noise_only = [row["accuracy"] for row in rows if row["t"] == 0.0]
+    probe = probe_colour_model(trained_colour_model)
+    assert sorted(probe.accuracy) == sorted(probe.teacher_cosine) == [0.0, 1.0]
+    assert all(sorted(blocks) == [1, 2, 3, 4] for blocks in probe.accuracy.values())  # numbered from 1
+    clean, noise_only = probe.accuracy[1.0].values(), probe.accuracy[0.0].values()
     assert max(clean) >= 0.9  # chance is 0.25: some block reads the class
     # at t = 0 the input is pure noise; with the label hidden, no block can know the class
     assert max(noise_only) <= 0.45, noise_only
-    assert rows == probe_colour_model(trained_colour_model)  # deterministic
+    assert probe.teacher_cosine[1.0][3] == pytest.approx(1.0, abs=1e-5)  # the teacher against itself
+    assert probe == probe_colour_model(trained_colour_model)  # deterministic
 
 
 def test_train_writes_probe_csv_through_a_resume(image_folder, tmp_path, capsys):
@@ -1109,6 +1134,40 @@ def test_probe_a_checkpoint_twice_gives_the_same_numbers(image_folder, tmp_path,
     assert len(list(csv.DictReader(open(tmp_path / "p0.csv")))) == 2 * 3  # 2 noise levels x 3 blocks
 
 
+def test_probe_fit_subset_of_a_large_folder_spans_every_class(monkeypatch):
+    """Past the cap, the fitted images are a seeded sample, not the first classes in file order."""
+    monkeypatch.setattr(train_cifar, "PROBE_FIT_IMAGES", 12)
+    labels = torch.arange(4).repeat_interleave(10)  # ImageFolder order: class by class
+    images = torch.zeros(40, 3, 2, 2, dtype=torch.uint8)
+    (fit_x, fit_y), (scored_x, scored_y), _ = train_cifar.probe_split("folder", ".", images, labels)
+    assert len(fit_y) == 12 and set(fit_y.tolist()) == {0, 1, 2, 3}
+    assert scored_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # every 5th image of each class
+    assert torch.equal(train_cifar.probe_split("folder", ".", images, labels).fit[1], fit_y)  # deterministic
+
+
+# ================================================================ 6. sample and compare (sample.py)
+
+def test_sample_writes_grid_and_adm_npz(image_folder, tmp_path):
+    train(image_folder, tmp_path / "run", "--steps", "2")
+    ckpt = str(tmp_path / "run" / "last.pt")
+    npz, grid = str(tmp_path / "s.npz"), str(tmp_path / "g.png")
+    sample_script.main(["--ckpt", ckpt, "--n", "7", "--steps", "2", "--batch-size", "4",
+                        "--npz", npz, "--grid", grid, "--device", "cpu"])
+    data = np.load(npz)
+    assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (7, 8, 8, 3)
+    assert data["arr_1"].tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert Image.open(grid).size == (3 * 8 + 4 * 2, 3 * 8 + 4 * 2)
+    # the same seed gives the same images whatever the batch size; --class-label fixes the class
+    sample_script.main(["--ckpt", ckpt, "--n", "7", "--steps", "2", "--batch-size", "7", "--npz", npz,
+                        "--device", "cpu"])
+    assert np.array_equal(np.load(npz)["arr_0"], data["arr_0"])
+    sample_script.main(["--ckpt", ckpt, "--n", "4", "--steps", "2", "--class-label", "2", "--method", "euler",
+                        "--cfg-scale", "2", "--npz", npz, "--device", "cpu"])
+    assert np.load(npz)["arr_1"].tolist() == [2, 2, 2, 2]
+    assert "classes 0..2" in run_error(["--ckpt", ckpt, "--class-label", "3", "--grid", grid],
+                                       sample_script.main)
+
+
 def test_compare_writes_a_figure_or_says_what_to_install(image_folder, tmp_path, monkeypatch, capsys):
     common = ["--steps", "4", "--probe-every", "2", "--sample-every", "2", "--log-every", "2"]
     train(image_folder, tmp_path / "base", "--layersync-weight", "0", *common)
@@ -1129,20 +1188,7 @@ def test_compare_writes_a_figure_or_says_what_to_install(image_folder, tmp_path,
     assert "not a train_cifar.py run folder" in run_error(["--compare", str(tmp_path)], sample_script.main)
 
 
-# ================================================================ several processes (torchrun, gloo on the CPU)
-
-def torchrun(*args, processes=2, timeout=180, **popen):
-    """train_cifar.py under `python -m torch.distributed.run`, as a user launches it."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           os.path.join(HERE, "train_cifar.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **popen)
-
-
-# given after TINY: the later --batch-size wins
-DDP = ["--batch-size", "12", "--lr", "3e-3", "--log-every", "4", "--sample-every", "1000",
-       "--ckpt-every", "1000", "--probe-every", "0"]
-
+# ================================================================ 7. several processes (torchrun, gloo on the CPU)
 
 def test_two_processes_train_like_one_and_resume_exactly(image_folder, tmp_path):
     straight = torchrun("--data", image_folder, "--out", str(tmp_path / "two"), *TINY, *DDP, "--steps", "20")
@@ -1156,11 +1202,11 @@ def test_two_processes_train_like_one_and_resume_exactly(image_folder, tmp_path)
         result = torchrun("--data", image_folder, "--out", str(tmp_path / "resumed"), *TINY, *DDP,
                           "--steps", steps, *extra)
         assert result.returncode == 0, result.stderr[-2000:]
-    a = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
-    assert len(a["rng"]["ranks"]) == 2 and not torch.equal(a["rng"]["ranks"][0]["torch"], a["rng"]["ranks"][1]["torch"])
-    for key in ("model", "ema"):
-        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
+    a = checkpoint(tmp_path / "two")
+    b = checkpoint(tmp_path / "resumed")
+    ranks = a["rng"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+    assert_same_training_state(a, b)
     # the same global batch in one process: same data, same start, other noise draws
     train(image_folder, tmp_path / "one", "--steps", "20", *DDP)
     one = [r for r in csv.DictReader(open(tmp_path / "one" / "metrics.csv"))]
@@ -1191,7 +1237,7 @@ def test_sigterm_stops_every_rank_together(image_folder, tmp_path):
            "--steps", "100000", "--log-every", "1"]
     _, stderr = terminate_after_two_logged_steps(cmd, out)
     assert stderr.count("interrupted by SIGTERM") == 1 and "--resume" in stderr, stderr[-2000:]
-    stopped = torch.load(out / "last.pt", weights_only=True)["step"]
+    stopped = checkpoint(out)["step"]
     assert stopped >= 2 and stopped % train_cifar.STOP_CHECK_EVERY == 0  # the agreed step
 
 
@@ -1217,15 +1263,4 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(image_folder, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and len(ours) == 1 and "non-finite at step 3" in ours[0], result.stderr[-2000:]
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2  # the last good state
-
-
-def test_probe_fit_subset_of_a_large_folder_spans_every_class(monkeypatch):
-    """Past the cap, the fitted images are a seeded sample, not the first classes in file order."""
-    monkeypatch.setattr(train_cifar, "PROBE_FIT_IMAGES", 12)
-    labels = torch.arange(4).repeat_interleave(10)  # ImageFolder order: class by class
-    images = torch.zeros(40, 3, 2, 2, dtype=torch.uint8)
-    fit_x, fit_y, scored_x, scored_y, _ = train_cifar.probe_split("folder", ".", images, labels)
-    assert len(fit_y) == 12 and set(fit_y.tolist()) == {0, 1, 2, 3}
-    assert scored_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # every 5th image of each class
-    assert torch.equal(train_cifar.probe_split("folder", ".", images, labels)[1], fit_y)  # deterministic
+    assert checkpoint(tmp_path / "run")["step"] == 2  # the last good state
