@@ -41,8 +41,8 @@ def layersync_loss(weak: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
     To use it in another transformer, keep the outputs of two blocks (per token, no pooling,
     no head; record_blocks below takes them without editing the forward) and add the term:
 
-        h_k, h_kk = hidden[k - 1], hidden[kk - 1]         # blocks k < kk, shape (B, N, D)
-        loss = loss + lam * layersync_loss(h_k, h_kk)     # Eq. 3, lam = 0.2 in the paper
+        weak, strong = hidden[k - 1], hidden[k_teacher - 1]  # blocks k < k', (B, N, D) each
+        loss = loss + lam * layersync_loss(weak, strong)      # Eq. 3, lam = 0.2 in the paper
     """
     if weak.shape != strong.shape:
         raise ValueError(f"layersync_loss: weak {tuple(weak.shape)} and strong "
@@ -56,8 +56,8 @@ def layersync_loss(weak: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
 
 class RecordedBlocks(dict):
     def __missing__(self, k):  # a clear error for a block that has not run
-        raise KeyError(f"block {k} has not run inside this record_blocks(...): call the model first "
-                       f"(recorded so far: {sorted(self)})")
+        raise KeyError(f"block {k} has not run inside this record_blocks(...): call the model "
+                       f"first (recorded so far: {sorted(self)})")
 
 
 @contextmanager
@@ -79,8 +79,8 @@ def record_blocks(blocks, block_numbers, pick=None):
     except TypeError:
         numbers = []
     if not asked or len(numbers) < len(asked) or not all(1 <= k <= len(blocks) for k in numbers):
-        raise ValueError(f"record_blocks: block numbers {asked} must be integers in 1..{len(blocks)} "
-                         f"(blocks are numbered from 1, as in the paper)")
+        raise ValueError(f"record_blocks: block numbers {asked} must be integers in "
+                         f"1..{len(blocks)} (blocks are numbered from 1, as in the paper)")
     out = RecordedBlocks()
 
     def recorder(k):
@@ -209,17 +209,20 @@ class SiT(nn.Module):
         super().__init__()
         if min(input_size, patch_size, hidden_size, depth, num_heads) < 1:
             raise ValueError(f"SiT: input_size {input_size}, patch_size {patch_size}, hidden_size "
-                             f"{hidden_size}, depth {depth} and num_heads {num_heads} must all be >= 1")
+                             f"{hidden_size}, depth {depth} and num_heads {num_heads} must all "
+                             f"be >= 1")
         if input_size % patch_size or hidden_size % num_heads or hidden_size % 4:
             raise ValueError(f"SiT: input_size {input_size} must be divisible by patch_size "
-                             f"{patch_size}, hidden_size {hidden_size} by num_heads {num_heads} and 4")
+                             f"{patch_size}, hidden_size {hidden_size} by num_heads {num_heads} "
+                             f"and 4")
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
         self.register_buffer("pos_embed", sincos_2d(hidden_size, grid)[None], persistent=False)
-        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio)
+                                    for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
@@ -245,7 +248,7 @@ class SiT(nn.Module):
 
     @property
     def has_null_class(self) -> bool:
-        """Whether label row `num_classes` exists (trained with label dropout), for CFG and the probe."""
+        """Whether label row `num_classes` exists (trained with label dropout): CFG, the probe."""
         return self.y_embedder.table.num_embeddings > self.num_classes
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,7 +283,8 @@ class SiT(nn.Module):
 # depth, hidden size, heads of SiT-S/B/L/XL; patch 2, 4 or 8. Overrides go as keywords:
 # SiT_models["SiT-B/2"](input_size=32, in_channels=3, num_classes=10).
 SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-SiT_models = {f"SiT-{size}/{patch}": partial(SiT, depth=d, hidden_size=h, num_heads=n, patch_size=patch)
+SiT_models = {f"SiT-{size}/{patch}": partial(SiT, depth=d, hidden_size=h, num_heads=n,
+                                              patch_size=patch)
               for size, (d, h, n) in SIT_SIZES.items() for patch in (2, 4, 8)}
 
 
@@ -303,23 +307,26 @@ def default_layersync_pair(depth: int) -> tuple:
 
 def check_layersync_pairs(pairs, depth: int) -> list:
     """Validate (k, k') pairs up front: 1 <= k < k' <= depth, else a ValueError saying why."""
-    example = default_layersync_pair(depth) if depth >= 2 else None
-    hint = f"e.g. {example[0]}:{example[1]} for a {depth}-block model" if example else "needs depth >= 2"
+    hint = "needs depth >= 2"
+    if depth >= 2:
+        k, k_teacher = default_layersync_pair(depth)
+        hint = f"e.g. {k}:{k_teacher} for a {depth}-block model"
     checked = []
     for pair in pairs:
         try:  # any integer type (int, numpy or torch integers), but not bools or floats
             if len(pair) != 2 or any(isinstance(k, bool) for k in pair):
                 raise TypeError
-            k, kk = (operator.index(k) for k in pair)
+            k, k_teacher = (operator.index(k) for k in pair)
         except TypeError:
-            raise ValueError(f"layersync pair {pair!r}: expected two block numbers (k, k'), {hint}") from None
-        if not 1 <= k < kk:
-            raise ValueError(f"layersync pair ({k}, {kk}): the student block k must be at least 1 "
-                             f"and shallower than the teacher block k' (k < k'), {hint}")
-        if kk > depth:
-            raise ValueError(f"layersync pair ({k}, {kk}): the model has only {depth} blocks "
-                             f"(numbered 1..{depth}), {hint}")
-        checked.append((k, kk))
+            raise ValueError(f"layersync pair {pair!r}: expected two block numbers (k, k'), "
+                             f"{hint}") from None
+        if not 1 <= k < k_teacher:
+            raise ValueError(f"layersync pair ({k}, {k_teacher}): the student block k must be at "
+                             f"least 1 and shallower than the teacher block k' (k < k'), {hint}")
+        if k_teacher > depth:
+            raise ValueError(f"layersync pair ({k}, {k_teacher}): the model has only {depth} "
+                             f"blocks (numbered 1..{depth}), {hint}")
+        checked.append((k, k_teacher))
     return checked
 
 
@@ -335,10 +342,11 @@ def training_loss(model: SiT, x1: torch.Tensor, y: torch.Tensor,
     depth = len(getattr(model, "module", model).blocks)  # .module: inside DistributedDataParallel
     pairs = check_layersync_pairs(layersync_pairs, depth)
     if not (math.isfinite(layersync_weight) and layersync_weight >= 0):
-        raise ValueError(f"training_loss: layersync_weight must be finite and >= 0, got {layersync_weight}")
+        raise ValueError(f"training_loss: layersync_weight must be finite and >= 0, "
+                         f"got {layersync_weight}")
     if layersync_weight and not pairs:
-        raise ValueError(f"training_loss: layersync_weight {layersync_weight} with no layersync_pairs "
-                         f"would train the plain baseline; pass pairs, e.g. "
+        raise ValueError(f"training_loss: layersync_weight {layersync_weight} with no "
+                         f"layersync_pairs would train the plain baseline; pass pairs, e.g. "
                          f"[default_layersync_pair({depth})], or weight 0")
     if x1.shape[0] == 0:
         raise ValueError("training_loss: the batch is empty (x1 has 0 samples)")
@@ -356,7 +364,7 @@ def training_loss(model: SiT, x1: torch.Tensor, y: torch.Tensor,
     feature = dict(zip(layers, hidden))
     with torch.set_grad_enabled(torch.is_grad_enabled() and layersync_weight != 0):
         # Eq. 2 for every pair, averaged (the public code keeps only the last pair)
-        align = [layersync_loss(feature[k], feature[kk]) for k, kk in pairs]
+        align = [layersync_loss(feature[k], feature[k_teacher]) for k, k_teacher in pairs]
         sync = torch.stack(align).mean() if align else fm.new_zeros(())
     loss = fm + layersync_weight * sync if layersync_weight != 0 else fm  # Eq. 3
     return {"loss": loss, "fm": fm.detach(), "layersync": sync.detach()}
@@ -368,7 +376,7 @@ def training_loss(model: SiT, x1: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def sample(velocity_fn, noise: torch.Tensor, steps: int = 50, method: str = "heun") -> torch.Tensor:
-    """Integrate dx/dt = velocity_fn(x, t) from noise (t = 0) to data (t = 1) in `steps` equal steps.
+    """Integrate dx/dt = velocity_fn(x, t) from noise (t = 0) to data (t = 1) in equal steps.
 
     "euler": first order, `steps` evaluations. "heun": second-order trapezoid predictor-corrector
     (the sampler behind the paper's FIDs), 2 * `steps` evaluations. velocity_fn gets t as (B,).
@@ -434,8 +442,8 @@ def block_features(model: SiT, x1: torch.Tensor, t: float, teacher=None, seed: i
     block's mean per-token cosine to it (what Eq. 2 maximises for the student), as (depth,).
     """
     if not model.has_null_class:
-        raise ValueError("the probe feeds the null class label, and this model has none (trained with "
-                         "class_dropout_prob=0)")
+        raise ValueError("the probe feeds the null class label, and this model has none "
+                         "(trained with class_dropout_prob=0)")
     device, generator = model.pos_embed.device, torch.Generator().manual_seed(seed)
     every_block = range(1, len(model.blocks) + 1)
     features, cosine, tokens = [], 0, 0
@@ -454,7 +462,8 @@ def block_features(model: SiT, x1: torch.Tensor, t: float, teacher=None, seed: i
     return torch.cat(features, dim=1), (cosine / tokens if teacher else None)
 
 
-def ridge_probe_accuracy(fit_x, fit_y, test_x, test_y, num_classes: int, ridge: float = 1e-3) -> float:
+def ridge_probe_accuracy(fit_x, fit_y, test_x, test_y, num_classes: int,
+                         ridge: float = 1e-3) -> float:
     """Top-1 accuracy of ridge regression onto one-hot targets, on standardised features.
 
     Closed form: deterministic, nothing to tune, one D x D solve. A trained logistic probe tends

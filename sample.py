@@ -24,30 +24,38 @@ from tqdm import tqdm
 
 from layersync import SiT, guided_velocity, linear_probe, sample
 # the trainer's own formats (checkpoint, data, CSV, pixels, precision) and its flag checks
-from train_cifar import (autocast, device_arg, fail, load_checkpoint, load_data, probe_data, probe_levels,
-                         to_pixels, write_probe_csv)
+from train_cifar import (autocast, device_arg, fail, load_checkpoint, load_data, probe_data,
+                         probe_levels, to_pixels, write_probe_csv)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="a last.pt written by train_cifar.py")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--method", choices=["heun", "euler"], default="heun")
     p.add_argument("--steps", type=int, default=50, help="ODE steps (Heun: 2 evaluations each)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance; 1 = none")
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="classifier-free guidance; 1 = none")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--class-label", type=int, help="sample only this class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--grid", help="write a PNG grid here")
-    p.add_argument("--npz", help="write arr_0 (uint8 N,H,W,3) and arr_1 (labels) here, the ADM format")
-    p.add_argument("--fid", action="store_true", help="FID against the CIFAR-10 training set (needs torch-fidelity)")
+    p.add_argument("--npz", help="write arr_0 (uint8 N,H,W,3) and arr_1 (labels) here, the ADM "
+                                 "format")
+    p.add_argument("--fid", action="store_true",
+                   help="FID against the CIFAR-10 training set (needs torch-fidelity)")
     p.add_argument("--data-dir", default="./data", help="where CIFAR-10 is, for --fid and --probe")
-    p.add_argument("--probe", action="store_true", help="linear probe of every block: print a table, write a CSV")
-    p.add_argument("--probe-t", default="1.0,0.5", help="noise levels of the probe (t = 1 is clean data)")
-    p.add_argument("--probe-csv", help="where --probe writes its rows (default: probe_<step>.csv beside --ckpt)")
-    p.add_argument("--compare", nargs="+", metavar="RUN", help="run folders of train_cifar.py to compare")
+    p.add_argument("--probe", action="store_true",
+                   help="linear probe of every block: print a table, write a CSV")
+    p.add_argument("--probe-t", default="1.0,0.5",
+                   help="noise levels of the probe (t = 1 is clean data)")
+    p.add_argument("--probe-csv",
+                   help="where --probe writes its rows (default: probe_<step>.csv beside --ckpt)")
+    p.add_argument("--compare", nargs="+", metavar="RUN",
+                   help="run folders of train_cifar.py to compare")
     p.add_argument("--figure", default="compare.png", help="the PNG that --compare writes")
     args = p.parse_args(argv)
     if args.compare:
@@ -75,7 +83,7 @@ def check_output_path(flag: str, path: str, extensions: tuple):
 
 
 def check_args(args):
-    """Everything that can be checked before loading the model or drawing a sample, in one line each."""
+    """All that can be checked before loading the model or drawing a sample, one line each."""
     for name in ("n", "steps", "batch_size"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
@@ -101,7 +109,8 @@ def load_model(args) -> Loaded:
     model = SiT(**config["model"])
     model.load_state_dict(checkpoint["model" if args.no_ema else "ema"])
     bf16 = args.device.type == "cuda" and config.get("precision", "bf16") == "bf16"
-    return Loaded(model.to(args.device).eval(), config, checkpoint["step"], "bf16" if bf16 else "fp32")
+    precision = "bf16" if bf16 else "fp32"
+    return Loaded(model.to(args.device).eval(), config, checkpoint["step"], precision)
 
 
 @torch.no_grad()
@@ -145,12 +154,13 @@ def prepare_fid(model_config: dict, data_dir: str):
     if shape != (32, 3):
         fail(f"--fid compares with CIFAR-10 (32x32 RGB), but this model makes "
              f"{shape[0]}x{shape[0]} images with {shape[1]} channels")
-    reference, _, _ = load_data("cifar10", data_dir, 32)  # (N, 3, 32, 32) uint8, downloaded if absent
+    reference, _, _ = load_data("cifar10", data_dir, 32)  # (N, 3, 32, 32) uint8; downloads
     try:  # torch-fidelity downloads these weights on first use
         torch_fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     except Exception as error:
-        fail(f"--fid: torch-fidelity could not load its Inception weights ({type(error).__name__}: {error}). "
-             f"Run once with internet access (they are cached under ~/.cache/torch), or write --npz "
+        fail(f"--fid: torch-fidelity could not load its Inception weights "
+             f"({type(error).__name__}: {error}). Run once with internet access (they are cached "
+             f"under ~/.cache/torch), or write --npz "
              f"and compute FID elsewhere")
     return UInt8Images(reference.permute(0, 2, 3, 1))
 
@@ -349,8 +359,8 @@ def main(argv=None):
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         fail(f"--class-label {args.class_label}: the model has classes 0..{num_classes - 1}")
     if args.cfg_scale != 1 and not model.has_null_class:
-        fail(f"--cfg-scale {args.cfg_scale}: this model was trained without label dropout, so it has "
-             f"no null class to guide with; use --cfg-scale 1")
+        fail(f"--cfg-scale {args.cfg_scale}: this model was trained without label dropout, so it "
+             f"has no null class to guide with; use --cfg-scale 1")
     reference = prepare_fid(config["model"], args.data_dir) if args.fid else None
     if args.class_label is None:
         labels = torch.arange(args.n) % num_classes
@@ -363,7 +373,8 @@ def main(argv=None):
     if args.grid:
         from torchvision.utils import save_image
         columns = num_classes if args.class_label is None else 8
-        save_image(images.permute(0, 3, 1, 2).float() / 255, args.grid, nrow=min(columns, len(images)))
+        nrow = min(columns, len(images))
+        save_image(images.permute(0, 3, 1, 2).float() / 255, args.grid, nrow=nrow)
         print(f"grid: {args.grid}")
     if args.npz:
         np.savez(args.npz, arr_0=images.numpy(), arr_1=labels.numpy())

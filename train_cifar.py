@@ -1,4 +1,4 @@
-"""Train a SiT on CIFAR-10 (or any image folder) with LayerSync; --layersync-weight 0 is the baseline.
+"""Train a SiT on CIFAR-10 or an image folder with LayerSync; --layersync-weight 0: the baseline.
 
     python train_cifar.py --out runs/layersync                         # LayerSync, lambda 0.2
     python train_cifar.py --out runs/baseline --layersync-weight 0     # plain SiT
@@ -29,8 +29,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from layersync import (SiT, SiT_models, check_layersync_pairs, default_layersync_pair, guided_velocity,
-                       linear_probe, sample, training_loss)
+from layersync import (SiT, SiT_models, check_layersync_pairs, default_layersync_pair,
+                       guided_velocity, linear_probe, sample, training_loss)
 
 # One process, or several under torchrun: plain facts, set once (as in nanoGPT). Each process trains
 # data-parallel on its slice of the same global batch; the master process alone writes files.
@@ -72,7 +72,7 @@ def count(flag: str):
 
 
 def device_arg(text: str) -> torch.device:
-    """--device: cpu, cuda or cuda:N; under torchrun, cuda is the GPU of this process's LOCAL_RANK."""
+    """--device: cpu, cuda or cuda:N; under torchrun, cuda is this process's GPU (LOCAL_RANK)."""
     name = f"cuda:{ddp_local_rank}" if text == "cuda" and ddp else text
     try:
         device = torch.device(name)
@@ -99,53 +99,64 @@ def probe_levels(text: str) -> list:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
-    d.add_argument("--data", default="cifar10", help="'cifar10' or a folder with one sub-folder per class")
+    d.add_argument("--data", default="cifar10",
+                   help="'cifar10' or a folder with one sub-folder per class")
     d.add_argument("--data-dir", default="./data", help="where CIFAR-10 is (or is downloaded to)")
     d.add_argument("--image-size", type=count("--image-size"), default=32,
                    help="image folders are resized and centre-cropped to it")
     d.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
-                   help="random horizontal flips (right for CIFAR-10; use --no-hflip where left and right matter)")
+                   help="random horizontal flips (right for CIFAR-10; use --no-hflip where left "
+                        "and right matter)")
     m = p.add_argument_group("model")
     m.add_argument("--model", default="SiT-S/2", choices=sorted(SiT_models), help="SiT preset")
     m.add_argument("--depth", type=count("--depth"), help="override the preset's number of blocks")
     m.add_argument("--hidden-size", type=count("--hidden-size"), help="override the preset's width")
-    m.add_argument("--num-heads", type=count("--num-heads"), help="override the preset's attention heads")
-    m.add_argument("--patch-size", type=count("--patch-size"), help="override the preset's patch size")
+    m.add_argument("--num-heads", type=count("--num-heads"), help="override the preset's heads")
+    m.add_argument("--patch-size", type=count("--patch-size"), help="override the preset's patch")
     s = p.add_argument_group("LayerSync")
     s.add_argument("--layersync-weight", type=in_range("--layersync-weight", float, 0), default=0.2,
                    help="lambda of Eq. 3; 0 = SiT baseline")
     s.add_argument("--layersync-pairs", help="'k:k2,...' 1-indexed blocks, student k < teacher k2 "
-                                            "(default: 8:16 of 28 scaled to the depth, 3:7 for 12 blocks)")
+                   "(default: 8:16 of 28 scaled to the depth, 3:7 for 12 blocks)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=count("--steps"), default=100_000, help="total optimiser steps")
     o.add_argument("--batch-size", type=count("--batch-size"), default=256)
-    o.add_argument("--lr", type=in_range("--lr", float, 0, low_open=True), default=1e-4, help="AdamW learning rate")
+    o.add_argument("--lr", type=in_range("--lr", float, 0, low_open=True), default=1e-4,
+                   help="AdamW learning rate")
     o.add_argument("--weight-decay", type=in_range("--weight-decay", float, 0), default=0.0)
     # 0 turns clipping off (as in nanoGPT); < 0 would flip the gradients
     o.add_argument("--grad-clip", type=in_range("--grad-clip", float, 0), default=1.0,
                    help="max gradient norm; 0 = no clipping")
-    o.add_argument("--ema-decay", type=in_range("--ema-decay", float, 0, 1, high_open=True), default=0.9999,
-                   help="in [0, 1), reached after a warm-up")
+    o.add_argument("--ema-decay", type=in_range("--ema-decay", float, 0, 1, high_open=True),
+                   default=0.9999, help="in [0, 1), reached after a warm-up")
     o.add_argument("--seed", type=int, default=0)
     h = p.add_argument_group("hardware")
-    h.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    h.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    h.add_argument("--no-compile", action="store_true", help="skip torch.compile (it is on by default on CUDA)")
+    h.add_argument("--device", type=device_arg,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    h.add_argument("--precision", choices=["bf16", "fp32"],
+                   help="default: bf16 on CUDA, fp32 on CPU")
+    h.add_argument("--no-compile", action="store_true",
+                   help="skip torch.compile (it is on by default on CUDA)")
     r = p.add_argument_group("outputs")
     r.add_argument("--out", default="runs/layersync", help="output folder")
-    r.add_argument("--resume", action="store_true", help="continue from <out>/last.pt up to --steps")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from <out>/last.pt up to --steps")
     r.add_argument("--log-every", type=count("--log-every"), default=100)
     r.add_argument("--sample-every", type=count("--sample-every"), default=10_000)
-    r.add_argument("--sample-steps", type=count("--sample-steps"), default=50, help="Heun steps for the sample grids")
+    r.add_argument("--sample-steps", type=count("--sample-steps"), default=50,
+                   help="Heun steps for the sample grids")
     r.add_argument("--ckpt-every", type=count("--ckpt-every"), default=5_000)
     r.add_argument("--probe-every", type=in_range("--probe-every", int, 0),
-                   help="linear probe of every block into <out>/probe.csv (default: --sample-every; 0 = off)")
+                   help="linear probe of every block into <out>/probe.csv "
+                        "(default: --sample-every; 0 = off)")
     r.add_argument("--probe-t", type=probe_levels, default="1.0,0.5",
                    help="noise levels of the probe, comma-separated (t = 1 is clean data)")
     b = p.add_argument_group("benchmark")
-    b.add_argument("--bench", action="store_true", help="time baseline and LayerSync steps on synthetic data")
+    b.add_argument("--bench", action="store_true",
+                   help="time baseline and LayerSync steps on synthetic data")
     b.add_argument("--bench-steps", type=count("--bench-steps"), default=50)
     b.add_argument("--bench-warmup", type=in_range("--bench-warmup", int, 0), default=15)
     if not master_process:  # under torchrun, rank 0 alone reports a bad flag
@@ -162,9 +173,9 @@ def parse_args(argv=None):
 def check_args(args):
     """What no single flag can check, refused in one line before any data is read."""
     if args.batch_size % ddp_world_size:
-        fail(f"--batch-size {args.batch_size} is the global batch and must divide by the {ddp_world_size} "
-             f"processes; use a multiple of {ddp_world_size}")
-    try:  # the model's own shape rules (patch divides image, heads divide width), on the meta device
+        fail(f"--batch-size {args.batch_size} is the global batch and must divide by the "
+             f"{ddp_world_size} processes; use a multiple of {ddp_world_size}")
+    try:  # the model's own shape rules (patch divides image, heads divide width), on meta
         with torch.device("meta"):
             SiT(**model_config(args, num_classes=1))
     except ValueError as error:
@@ -201,10 +212,13 @@ def parse_pairs(text, depth: int, weight: float) -> list:
         fail(f"--layersync-pairs: {error}")
 
 
+OVERRIDES = ("depth", "hidden_size", "num_heads", "patch_size")  # flags that change the preset
+
+
 def model_config(args, num_classes: int) -> dict:
     """Every SiT keyword of the run: enough to rebuild the model with SiT(**config)."""
     config = dict(SiT_models[args.model].keywords)
-    for key in ("depth", "hidden_size", "num_heads", "patch_size"):
+    for key in OVERRIDES:
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     config.update(input_size=args.image_size, in_channels=3, num_classes=num_classes)
@@ -214,16 +228,16 @@ def model_config(args, num_classes: int) -> dict:
 def describe_model(args, config: dict) -> str:
     """The model that actually runs: the preset's name, which flags changed it, and its shape."""
     preset = SiT_models[args.model].keywords
-    changed = [f"--{k.replace('_', '-')}" for k in ("depth", "hidden_size", "num_heads", "patch_size")
-               if config[k] != preset[k]]
+    changed = [f"--{k.replace('_', '-')}" for k in OVERRIDES if config[k] != preset[k]]
     changed_by = f" changed by {' '.join(changed)}" if changed else ""
-    shape = (f"depth {config['depth']}, width {config['hidden_size']}, {config['num_heads']} heads, "
-             f"patch {config['patch_size']}, {config['input_size']}x{config['input_size']} images")
+    size = config["input_size"]
+    shape = (f"depth {config['depth']}, width {config['hidden_size']}, "
+             f"{config['num_heads']} heads, patch {config['patch_size']}, {size}x{size} images")
     return f"{args.model}{changed_by}: {shape}"
 
 
 def autocast(device: torch.device, precision: str):
-    """The one precision rule, for training, grids and the probe: bf16 autocast iff --precision bf16."""
+    """The one precision rule, for the step, the grids and the probe: bf16 autocast iff bf16."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -244,9 +258,10 @@ def load_cifar10(data_dir: str, train: bool = True):
     try:
         data = CIFAR10(data_dir, train=train, download=True)
     except Exception as error:  # offline, a broken archive, a truncated batch file
-        fail(f"could not load CIFAR-10 from {os.path.abspath(data_dir)} ({type(error).__name__}: {error}). "
-             f"Without internet, download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
-             f"and put it in that folder (it is unpacked on first use), or pass --data PATH for an image folder.")
+        fail(f"could not load CIFAR-10 from {os.path.abspath(data_dir)} ({type(error).__name__}: "
+             f"{error}). Without internet, download cifar-10-python.tar.gz from "
+             f"https://www.cs.toronto.edu/~kriz/cifar.html and put it in that folder (it is "
+             f"unpacked on first use), or pass --data PATH for an image folder.")
     images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
     return images, torch.tensor(data.targets), data.classes
 
@@ -259,7 +274,8 @@ def pil_to_rgb8(image, path: str):
     if image.mode.startswith("I"):  # I;16* (16-bit PNG/TIFF) or I (how older Pillows open them)
         values = np.asarray(image)
         if values.size and (values.min() < 0 or values.max() > 65535):
-            fail(f"{path}: 32-bit integer pixels outside 0..65535; save it as an 8- or 16-bit image")
+            fail(f"{path}: 32-bit integer pixels outside 0..65535; save it as an 8- or 16-bit "
+                 f"image")
         image = Image.fromarray(np.round(values / 257.0).astype(np.uint8), "L")  # 65535 -> 255
     elif image.mode == "F":
         fail(f"{path}: floating-point pixels have no fixed range; save it as an 8- or 16-bit image")
@@ -285,8 +301,10 @@ def load_image_folder(path: str, size: int):
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
     if not os.path.isdir(path):
-        fail(f"--data {path}: no such folder; give 'cifar10' or a folder with one sub-folder of images per class")
-    resize = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+        fail(f"--data {path}: no such folder; give 'cifar10' or a folder with one sub-folder of "
+             f"images per class")
+    resize = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size),
+                                 transforms.PILToTensor()])
     try:  # an empty folder or one without class sub-folders
         data = ImageFolder(path, transform=resize, loader=read_image)
     except (OSError, ValueError) as error:
@@ -306,7 +324,7 @@ def load_data(data: str, data_dir: str, image_size: int):
 
 
 class DeviceBatches:
-    """The whole dataset as uint8 on the device; shuffling and flips on the device, no loader workers.
+    """The whole dataset as uint8 on the device; shuffles and flips there, no loader workers.
 
     CIFAR-10 is 150 MB as uint8, so it fits on any GPU, and gathering a batch there costs
     microseconds. Epoch order and flips come from a CPU generator whose state is checkpointed.
@@ -340,7 +358,7 @@ class DeviceBatches:
         self.position += self.batch_size
         index = self.order[window]
         x = self.images[index]
-        x = torch.where(self.flip[window, None, None, None], x.flip(-1), x)  # random horizontal flip
+        x = torch.where(self.flip[window, None, None, None], x.flip(-1), x)  # horizontal flips
         return to_unit(x), self.labels[index]
 
     def state_dict(self):
@@ -358,7 +376,7 @@ class DeviceBatches:
 
 PROBE_FIT_IMAGES = 10_000
 PROBE_SEED = 1234  # the fitted subset: the same for every run, apart from --seed
-ProbeData = namedtuple("ProbeData", "fit scored description")  # fit, scored: (x1 in [-1, 1], labels)
+ProbeData = namedtuple("ProbeData", "fit scored description")  # fit, scored: (x1, labels)
 
 
 def probe_split(data: str, data_dir: str, images, labels) -> ProbeData:
@@ -375,14 +393,15 @@ def probe_split(data: str, data_dir: str, images, labels) -> ProbeData:
     for c in labels.unique():
         held[(labels == c).nonzero().flatten()[4::5]] = True
     if not held.any() or held.all():
-        fail("the probe needs a class with at least 5 images (every 5th image of a class is held out to "
-             "score the probe); add images or pass --probe-every 0")
+        fail("the probe needs a class with at least 5 images (every 5th image of a class is held "
+             "out to score the probe); add images or pass --probe-every 0")
     fit = (~held).nonzero().flatten()
     if len(fit) > PROBE_FIT_IMAGES:  # a seeded sample, not the first classes in file order
         pick = torch.randperm(len(fit), generator=torch.Generator().manual_seed(PROBE_SEED))
         fit = fit[pick[:PROBE_FIT_IMAGES].sort().values]
-    description = f"fit on {len(fit)} images, scored on every 5th image of each class ({int(held.sum())})"
-    return ProbeData((to_unit(images[fit]), labels[fit]), (to_unit(images[held]), labels[held]), description)
+    scored = f"every 5th image of each class ({int(held.sum())})"
+    return ProbeData((to_unit(images[fit]), labels[fit]), (to_unit(images[held]), labels[held]),
+                     f"fit on {len(fit)} images, scored on {scored}")
 
 
 def probe_data(config: dict, data_dir: str) -> ProbeData:
@@ -403,9 +422,8 @@ def probe_summary(probe, pairs: list) -> str:
     for t, accuracy in probe.accuracy.items():
         best = max(accuracy, key=accuracy.get)
         text = f"t={t:g}: best block {best} {100 * accuracy[best]:.1f}%"
-        if pairs:
-            k, k_teacher = pairs[0]
-            text += f", student {k} {100 * accuracy[k]:.1f}%, teacher {k_teacher} {100 * accuracy[k_teacher]:.1f}%"
+        for role, k in zip(("student", "teacher"), pairs[0] if pairs else ()):
+            text += f", {role} {k} {100 * accuracy[k]:.1f}%"
         parts.append(text)
     return "; ".join(parts)
 
@@ -425,7 +443,7 @@ def train_step(args, parts, x, y, step: int, pairs: list, weight: float):
         losses = training_loss(parts.forward, x, y, pairs, weight)
     parts.optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
-    params = parts.optimizer.param_groups[0]["params"]  # the model's parameters, listed once already
+    params = parts.optimizer.param_groups[0]["params"]  # the model's parameters, listed once
     # --grad-clip 0: no clipping, but the norm is still measured for metrics.csv
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)
     parts.optimizer.step()
@@ -440,12 +458,13 @@ def build(args, config: dict, device, data_parallel: bool = True) -> Parts:
     """The SiT, its EMA, AdamW, and `forward`: the model as the step calls it (DDP, compiled)."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = SiT(**config).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()  # each rank keeps its own, identical EMA
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # per rank, identical on every rank
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     forward = model
     if data_parallel and ddp:  # gradients all-reduced in buckets during the backward
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        forward = DistributedDataParallel(model, device_ids=device_ids)
     if args.compile:
         forward = torch.compile(forward)  # compiled around DDP, so they overlap
     torch.manual_seed(stream_seed(args.seed, ddp_rank))  # then each rank its own noise and t
@@ -459,7 +478,8 @@ def grid_inputs(config: dict, device, columns: int = 8) -> GridInputs:
     """The same noise and labels at every step of every run (seeded apart from --seed)."""
     rows = min(config["num_classes"], 20)
     size, channels = config["input_size"], config["in_channels"]
-    noise = torch.randn(rows * columns, channels, size, size, generator=torch.Generator().manual_seed(2026))
+    seeded = torch.Generator().manual_seed(2026)
+    noise = torch.randn(rows * columns, channels, size, size, generator=seeded)
     labels = torch.arange(rows).repeat_interleave(columns)
     return GridInputs(noise.to(device), labels.to(device), columns)
 
@@ -481,7 +501,7 @@ def sample_grid(ema, grid: GridInputs, path: str, steps: int, precision: str):
 
 def train(args):
     depth = args.depth or SiT_models[args.model].keywords["depth"]
-    pairs = parse_pairs(args.layersync_pairs, depth, args.layersync_weight)  # bad pairs stop before any work
+    pairs = parse_pairs(args.layersync_pairs, depth, args.layersync_weight)  # before any work
     run = agreed(prepare, args, pairs)
     if run is None:
         return
@@ -491,7 +511,7 @@ def train(args):
     step = resume(run.checkpoint, parts, batches, args) if run.checkpoint else 0
     say(describe_run(args, run, parts.model, pairs))
     metrics = CsvLog(os.path.join(args.out, "metrics.csv"), METRICS_FIELDS, step)
-    probes = CsvLog(os.path.join(args.out, "probe.csv"), PROBE_FIELDS, step) if run.probe_data else None
+    probes = run.probe_data and CsvLog(os.path.join(args.out, "probe.csv"), PROBE_FIELDS, step)
     teacher = pairs[0][1] if pairs else None  # the probe's teacher_cosine is measured against it
     grid = grid_inputs(run.config["model"], device)
     non_finite = NonFiniteWatch(device, ckpt_path)
@@ -509,7 +529,8 @@ def train(args):
             losses, grad_norm = train_step(args, parts, x, y, step, pairs, args.layersync_weight)
             step += 1
             non_finite.record(losses["loss"], step)
-            totals += torch.stack([losses["loss"].detach(), losses["fm"], losses["layersync"], grad_norm])
+            totals += torch.stack([losses["loss"].detach(), losses["fm"], losses["layersync"],
+                                   grad_norm])
             bar.update(1)
             # log the mean losses since the last log (the only host sync, once per log)
             if due(args.log_every):
@@ -553,8 +574,9 @@ def train(args):
                 log.close()
         signals.restore()
     if stop_signal:
-        say(f"interrupted by {signal.Signals(stop_signal).name}: saved step {step} of {args.steps} to "
-            f"{ckpt_path}; rerun the same command with --resume to continue", file=sys.stderr)
+        name = signal.Signals(stop_signal).name
+        say(f"interrupted by {name}: saved step {step} of {args.steps} to {ckpt_path}; rerun the "
+            f"same command with --resume to continue", file=sys.stderr)
         raise SystemExit(128 + stop_signal)  # the shell's code for "killed by this signal"
     check_ranks_agree(parts.model)
 
@@ -566,7 +588,8 @@ def prepare(args, pairs):
     if args.resume:
         checkpoint = load_checkpoint(ckpt_path)
         if checkpoint["step"] >= args.steps:
-            say(f"{ckpt_path} is at step {checkpoint['step']} >= --steps {args.steps}: nothing to do")
+            say(f"{ckpt_path} is at step {checkpoint['step']} >= --steps {args.steps}: "
+                f"nothing to do")
             return None
     elif os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
@@ -574,10 +597,10 @@ def prepare(args, pairs):
     probe = probe_split(args.data, args.data_dir, images, labels) if args.probe_every else None
     config = {"model": model_config(args, len(classes)), "data": data_identity(args.data),
               "classes": list(classes), "hflip": args.hflip,
-              "layersync_pairs": [list(p) for p in pairs], "layersync_weight": args.layersync_weight,
-              "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-              "grad_clip": args.grad_clip, "ema_decay": args.ema_decay, "seed": args.seed,
-              "precision": args.precision}
+              "layersync_pairs": [list(p) for p in pairs],
+              "layersync_weight": args.layersync_weight, "batch_size": args.batch_size,
+              "lr": args.lr, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
+              "ema_decay": args.ema_decay, "seed": args.seed, "precision": args.precision}
     if checkpoint is not None:  # before building anything: a mismatch costs no time
         checkpoint["config"]["data"] = data_identity(checkpoint["config"]["data"])
         check_resume_config(checkpoint["config"], config, ckpt_path)
@@ -594,11 +617,14 @@ def data_identity(data: str) -> str:
 
 def describe_run(args, run, model, pairs: list) -> str:
     parameters = sum(p.numel() for p in model.parameters())
-    layersync = "off (baseline)" if args.layersync_weight == 0 else f"lambda {args.layersync_weight}"
+    weight = args.layersync_weight
+    strength = "off (baseline)" if weight == 0 else f"lambda {weight}"
+    layersync = f"LayerSync {strength}, pairs {pairs}"
+    data = (f"{len(run.images)} images in {len(run.classes)} classes, "
+            f"flips {'on' if args.hflip else 'off'}")
     processes = f", {ddp_world_size} processes" if ddp else ""
-    return (f"{describe_model(args, run.config['model'])}, {parameters:,} parameters; "
-            f"LayerSync {layersync}, pairs {pairs}; {len(run.images)} images in {len(run.classes)} classes, "
-            f"flips {'on' if args.hflip else 'off'}; {args.device.type} {args.precision}{processes}")
+    return (f"{describe_model(args, run.config['model'])}, {parameters:,} parameters; {layersync}; "
+            f"{data}; {args.device.type} {args.precision}{processes}")
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -607,7 +633,7 @@ CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config", "rng"}
 
 
 def save(path: str, parts: Parts, step: int, config: dict, batches):
-    """The whole training state, written by rank 0; a failed write stops every rank with one line."""
+    """The whole training state, written by rank 0; a failed write stops every rank, in one line."""
     state = {"model": parts.model.state_dict(), "ema": parts.ema.state_dict(),
              "optimizer": parts.optimizer.state_dict(), "step": step, "config": config,
              "rng": rng_state(batches)}
@@ -647,9 +673,10 @@ def load_checkpoint(path: str) -> dict:
         fail(f"cannot read checkpoint {path} ({type(error).__name__}: {error})")
     if not (isinstance(checkpoint, dict) and CHECKPOINT_KEYS <= checkpoint.keys()
             and isinstance(checkpoint["config"], dict) and "model" in checkpoint["config"]):
-        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        fail(f"{path} is not a train_cifar.py checkpoint (expected the keys {sorted(CHECKPOINT_KEYS)}, "
-             f"found {found})")
+        is_dict = isinstance(checkpoint, dict)
+        found = sorted(checkpoint)[:8] if is_dict else type(checkpoint).__name__
+        fail(f"{path} is not a train_cifar.py checkpoint (expected the keys "
+             f"{sorted(CHECKPOINT_KEYS)}, found {found})")
     return checkpoint
 
 
@@ -682,10 +709,10 @@ def check_resume_config(old: dict, new: dict, path: str):
         say("resuming with changed settings: " + ", ".join(changed))
 
 
-# ====================================================================================================
+# ==================================================================================================
 # What a first reading can skip: agreement between torchrun processes, signals, CSV files that
 # survive a resume, and the benchmark.
-# ====================================================================================================
+# ==================================================================================================
 
 # ------------------------------------------------------------------ agreement between processes
 #
@@ -724,7 +751,8 @@ def agreed(fn, *args):
     try:
         result, error = fn(*args), None
     except SystemExit as stop:
-        result, error = None, stop.code if isinstance(stop.code, str) else f"error: rank {ddp_rank} stopped"
+        error = stop.code if isinstance(stop.code, str) else f"error: rank {ddp_rank} stopped"
+        result = None
     agree(error)
     return result
 
@@ -751,7 +779,8 @@ class NonFiniteWatch:
         self.ckpt_path = ckpt_path
 
     def record(self, loss: torch.Tensor, step: int):
-        self.first_bad = torch.where((self.first_bad == 0) & ~torch.isfinite(loss), step, self.first_bad)
+        first = (self.first_bad == 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(first, step, self.first_bad)
 
     def check(self):
         bad = self.first_bad
@@ -762,8 +791,9 @@ class NonFiniteWatch:
             bad = torch.where(bad == never, 0, bad)
         bad = int(bad)
         if bad:
-            fail(f"the loss became non-finite at step {bad}; stopped without saving, so {self.ckpt_path} "
-                 f"keeps the last good state. Try a lower --lr, --precision fp32 or a smaller --grad-clip.")
+            fail(f"the loss became non-finite at step {bad}; stopped without saving, so "
+                 f"{self.ckpt_path} keeps the last good state. Try a lower --lr, --precision fp32 "
+                 f"or a smaller --grad-clip.")
 
 
 def rng_state(batches) -> dict:
@@ -788,9 +818,9 @@ def restore_rng(state: dict, device, batches, step: int, seed: int):
             torch.cuda.set_rng_state(ranks[ddp_rank]["cuda"], device)
     else:
         torch.manual_seed(stream_seed(seed, ddp_rank) + 7919 * step)
-        say(f"note: the checkpoint was written by {len(ranks)} process(es), this run has {ddp_world_size}: "
-            f"the data order and the global batch continue unchanged, the noise and t streams are "
-            f"reseeded, so the run is not bit-identical to an uninterrupted one")
+        say(f"note: the checkpoint was written by {len(ranks)} process(es), this run has "
+            f"{ddp_world_size}: the data order and the global batch continue unchanged, the noise "
+            f"and t streams are reseeded, so the run is not bit-identical to an uninterrupted one")
     batches.load_state_dict(state["data"])
 
 
@@ -818,11 +848,13 @@ class StopSignals:
 
     def __init__(self):
         self.received = None
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.signal(sig, self.handle)
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, _frame):
         self.received = self.received or signum
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, default)
 
     def agreed(self, step: int, last_step: int) -> int:
         """The signal to stop for (0: none), the same on every rank: the largest rank's value,
@@ -864,8 +896,8 @@ class CsvLog:
 
     def write(self, rows):
         if self.file:
-            self.writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
-                                  for row in rows)
+            self.writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v
+                                   for k, v in row.items()} for row in rows)
             self.file.flush()
 
     def close(self):
@@ -919,7 +951,7 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 
 
 
 def forward_macs_per_image(config: dict) -> int:
-    """Multiply-adds of one SiT forward: depth * (12 T H^2 + 2 T^2 H), plus the patch in/out layers."""
+    """Multiply-adds of one SiT forward: depth * (12 T H^2 + 2 T^2 H), plus patch in and out."""
     tokens = (config["input_size"] // config["patch_size"]) ** 2
     h = config["hidden_size"]
     patch_io = 2 * tokens * h * config["patch_size"] ** 2 * config["in_channels"]
@@ -940,27 +972,25 @@ def timed(device, fn, repeats: int = 1) -> float:
 
 def time_steps(args, config: dict, pairs, weight, data_parallel=True) -> tuple:
     """(seconds per training step, peak GiB or None) on synthetic data, warm-up excluded."""
-    device = args.device
-    parts = build(args, config, device, data_parallel)
+    device, parts = args.device, build(args, config, args.device, data_parallel)
     size, share = config["input_size"], args.batch_size // ddp_world_size  # this process's slice
     x = torch.randn(share, 3, size, size, device=device)
     y = torch.randint(0, 10, (share,), device=device)
-    step = [0]
+    steps = iter(range(args.bench_warmup + args.bench_steps))
+    last = {}
 
     def one_step():
-        step[0] += 1
-        return train_step(args, parts, x, y, step[0] - 1, pairs, weight)
+        last["losses"], _ = train_step(args, parts, x, y, next(steps), pairs, weight)
 
     for _ in range(args.bench_warmup):  # compile and allocator warm-up excluded
         one_step()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    losses = []
-    seconds = timed(device, lambda: losses.append(one_step()[0]), args.bench_steps)
-    agree(None if torch.isfinite(losses[-1]["loss"]) else "error: bench: the loss became non-finite")
+    seconds = timed(device, one_step, args.bench_steps)
+    finite = torch.isfinite(last["losses"]["loss"])
+    agree(None if finite else "error: bench: the loss became non-finite")
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    del parts, losses
+    del parts, last
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return seconds, memory
@@ -976,10 +1006,11 @@ def bench(args):
     train_flops = 3 * 2 * forward_macs_per_image(config)  # backward = 2x forward; 2 FLOPs per MAC
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
-    shape = ", ".join(f"{k} {config[k]}" for k in ("depth", "hidden_size", "num_heads", "patch_size", "input_size"))
+    shape = ", ".join(f"{k} {config[k]}" for k in (*OVERRIDES, "input_size"))
     processes = f" x {ddp_world_size} processes" if ddp else ""
-    say(f"{args.model} ({shape}) on {name}{processes}, global batch {args.batch_size}, {args.precision}, "
-        f"compile {args.compile}, {train_flops / 1e9:.1f} GFLOP per training image")
+    say(f"{args.model} ({shape}) on {name}{processes}, global batch {args.batch_size}, "
+        f"{args.precision}, compile {args.compile}, {train_flops / 1e9:.1f} GFLOP per training "
+        f"image")
     say(f"{'run':<10} {'ms/step':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}")
     times = {}
     for label, run_pairs, run_weight in (("baseline", [], 0.0), ("layersync", pairs, weight)):
@@ -990,7 +1021,8 @@ def bench(args):
         use_mfu = peak and args.precision == "bf16"
         mfu = f"{100 * tflops * 1e12 / (peak * ddp_world_size):.1f}%" if use_mfu else "n/a"
         peak_gb = "n/a" if memory is None else f"{memory:.2f}"
-        say(f"{label:<10} {1e3 * seconds:>9.2f} {images_per_s:>9.1f} {tflops:>8.2f} {mfu:>6} {peak_gb:>8}")
+        say(f"{label:<10} {1e3 * seconds:>9.2f} {images_per_s:>9.1f} {tflops:>8.2f} {mfu:>6} "
+            f"{peak_gb:>8}")
     say(f"LayerSync / baseline step time: {times['layersync'] / times['baseline']:.3f} "
         f"(lambda {weight}, pairs {pairs})")
     if ddp:
@@ -998,16 +1030,18 @@ def bench(args):
         times["one_process"] = alone
         share = args.batch_size // ddp_world_size
         total = args.batch_size / times["layersync"]
-        say(f"{ddp_world_size} processes: {total / ddp_world_size:.1f} img/s per process, {total:.1f} img/s "
-            f"in total; one process alone at batch {share}: {share / alone:.1f} img/s; scaling efficiency "
+        say(f"{ddp_world_size} processes: {total / ddp_world_size:.1f} img/s per process, "
+            f"{total:.1f} img/s in total; one process alone at batch {share}: "
+            f"{share / alone:.1f} img/s; scaling efficiency "
             f"{100 * alone / times['layersync']:.1f}%")
     if args.probe_every and master_process:  # in training, too, rank 0 alone probes
         times["probe_per_image"] = bench_probe(args, config, pairs)
         probe_images = 2 * PROBE_FIT_IMAGES  # CIFAR-10: 10,000 fitted + the 10,000-image test split
         cost = probe_images * times["probe_per_image"] / (args.probe_every * times["layersync"])
-        say(f"probe: {1e3 * times['probe_per_image']:.3f} ms per image (all {len(args.probe_t)} noise levels, "
-            f"ridge fits included); a CIFAR-10 probe ({probe_images:,} images) every {args.probe_every:,} "
-            f"steps of batch {args.batch_size} would add {100 * cost:.2f}% to the training time")
+        say(f"probe: {1e3 * times['probe_per_image']:.3f} ms per image (all {len(args.probe_t)} "
+            f"noise levels, ridge fits included); a CIFAR-10 probe ({probe_images:,} images) every "
+            f"{args.probe_every:,} steps of batch {args.batch_size} would add {100 * cost:.2f}% to "
+            f"the training time")
     return times
 
 
@@ -1015,10 +1049,10 @@ def bench_probe(args, config: dict, pairs) -> float:
     """Seconds per probed image of run_probe (forwards at every noise level and the ridge fits)."""
     model = SiT(**config).to(args.device).eval()
     n = 4 * args.batch_size
-    images = torch.randint(0, 256, (n, 3, config["input_size"], config["input_size"]), dtype=torch.uint8)
+    size, half = config["input_size"], n // 2
+    images = torch.rand(n, 3, size, size) * 2 - 1
     labels = torch.arange(n) % config["num_classes"]
-    half = n // 2
-    data = ProbeData((to_unit(images[:half]), labels[:half]), (to_unit(images[half:]), labels[half:]), "")
+    data = ProbeData((images[:half], labels[:half]), (images[half:], labels[half:]), "synthetic")
     teacher = pairs[0][1] if pairs else None
     probe = lambda: run_probe(model, data, args.probe_t, teacher, args.precision)  # noqa: E731
     probe()  # warm-up
