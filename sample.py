@@ -13,6 +13,7 @@ over the classes (i % num_classes) unless --class-label fixes one.
 import argparse
 import csv
 import glob
+import json
 import math
 import os
 import sys
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from layersync import SiT, guided_velocity, linear_probe, sample
+from layersync import BlockProbe, SiT, guided_velocity, linear_probe, sample
 # the trainer's own formats (checkpoint, data, CSV, pixels, precision) and its flag checks
 from train_cifar import (autocast, device_arg, fail, load_checkpoint, load_data, probe_data,
                          probe_levels, to_pixels, write_probe_csv)
@@ -204,68 +205,140 @@ def probe_checkpoint(args, loaded: Loaded):
     print(f"probe rows: {path}")
 
 
-# ------------------------------------------------------------------ comparing runs
+# ------------------------------------------------------------------ comparing runs, over seeds
+#
+# Runs whose checkpoint configs differ only in the seed form one arm; every number is shown as the
+# mean over the arm's seeds with its spread (min..max), because two seeds of one configuration can
+# differ as much as LayerSync and the baseline do at small scale.
 
-def read_run(folder: str) -> dict:
+Run = namedtuple("Run", "name config metrics probes grid")  # probes: {step: BlockProbe}
+Arm = namedtuple("Arm", "label runs student teacher")
+
+
+def read_run(folder: str) -> Run:
     """What the comparison needs from a train_cifar.py run folder."""
     metrics_path, ckpt_path = os.path.join(folder, "metrics.csv"), os.path.join(folder, "last.pt")
     if not (os.path.isfile(metrics_path) and os.path.isfile(ckpt_path)):
-        fail(f"--compare {folder}: not a train_cifar.py run folder (it needs metrics.csv and last.pt)")
+        fail(f"--compare {folder}: not a train_cifar.py run folder (it needs metrics.csv and "
+             f"last.pt)")
     with open(metrics_path, newline="") as f:
         metrics = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    probe = []
+    probes = {}
     if os.path.isfile(os.path.join(folder, "probe.csv")):
         with open(os.path.join(folder, "probe.csv"), newline="") as f:
-            probe = [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
-    config = load_checkpoint(ckpt_path)["config"]
-    pairs = config.get("layersync_pairs") or [[None, None]]
-    weight = config["layersync_weight"]
+            for row in csv.DictReader(f):
+                t, k = float(row["t"]), int(row["block"])
+                probe = probes.setdefault(int(row["step"]), BlockProbe({}, {}))
+                probe.accuracy.setdefault(t, {})[k] = float(row["accuracy"])
+                if row["teacher_cosine"]:
+                    probe.teacher_cosine.setdefault(t, {})[k] = float(row["teacher_cosine"])
     grids = sorted(glob.glob(os.path.join(folder, "samples_*.png")))
-    name = os.path.basename(os.path.normpath(folder))
-    return {"name": name, "label": f"{name} ({'baseline' if weight == 0 else f'LayerSync lambda {weight:g}'})",
-            "metrics": metrics, "probe": probe, "student": pairs[0][0], "teacher": pairs[0][1],
-            "num_classes": config["model"]["num_classes"], "grid": grids[-1] if grids else None}
+    return Run(os.path.basename(os.path.normpath(folder)), load_checkpoint(ckpt_path)["config"],
+               metrics, probes, grids[-1] if grids else None)
 
 
-def last_probe(run: dict) -> tuple:
-    """(step, {t: {block: accuracy}}) at the run's last probed step; (None, {}) without a probe."""
-    if not run["probe"]:
-        return None, {}
-    step = max(row["step"] for row in run["probe"])
-    table = {}
-    for row in run["probe"]:
-        if row["step"] == step:
-            table.setdefault(row["t"], {})[int(row["block"])] = row["accuracy"]
-    return int(step), table
-
-
-def compare_table(runs: list) -> str:
-    """The figure's numbers as text: the last logged losses, then each block's last probe accuracy."""
-    width = max(16, *(len(run["name"]) for run in runs))
-    lines = [f"{'run':<40} {'step':>7} {'fm':>8} {'layersync':>10} {'student':>8} {'teacher':>8}"]
+def group_into_arms(runs: list) -> list:
+    """Runs grouped by their config without the seed, in the order given, each arm labelled by
+    its LayerSync weight (and, where two arms share it, by the settings that tell them apart)."""
+    groups = {}
     for run in runs:
-        last = run["metrics"][-1] if run["metrics"] else {}
-        lines.append(f"{run['label']:<40} {last.get('step', 0):>7.0f} {last.get('fm', math.nan):>8.4f} "
-                     f"{last.get('layersync', math.nan):>10.4f} {run['student']!s:>8} {run['teacher']!s:>8}")
-    probes = [(run, *last_probe(run)) for run in runs]
-    for t in sorted({t for _, _, table in probes for t in table}, reverse=True):
-        lines.append(f"probe accuracy (%) per block, t={t:g}, at each run's last probed step:")
-        depth = max(max(table[t]) for _, _, table in probes if t in table)
-        lines.append(f"{'block':>6} " + " ".join(f"{run['name']:>{width}}" for run, _, _ in probes))
-        for k in range(1, depth + 1):
-            cells = []
-            for run, _, table in probes:
-                acc = table.get(t, {}).get(k)
-                mark = "s" if k == run["student"] else "t" if k == run["teacher"] else " "
-                cells.append(f"{'-' if acc is None else f'{100 * acc:.1f}'}{mark}".rjust(width))
-            lines.append(f"{k:>6} " + " ".join(cells))
-    lines.append("(s = LayerSync student block, t = teacher block)")
+        key = json.dumps({k: v for k, v in run.config.items() if k != "seed"}, sort_keys=True)
+        groups.setdefault(key, []).append(run)
+    kinds = []
+    for members in groups.values():
+        weight = members[0].config["layersync_weight"]
+        kinds.append("baseline" if weight == 0 else f"LayerSync lambda {weight:g}")
+    arms = []
+    for kind, members in zip(kinds, groups.values()):
+        label = kind
+        if kinds.count(kind) > 1:  # name what differs from the other arms of the same kind
+            others = [m[0].config for k, m in zip(kinds, groups.values()) if k == kind]
+            config = members[0].config
+            differ = [k for k in sorted(config)
+                      if k != "seed" and any(other.get(k) != config[k] for other in others)]
+            label += ", " + ", ".join(f"{k} {config[k]}" for k in differ)
+        pairs = members[0].config.get("layersync_pairs") or [[None, None]]
+        arms.append(Arm(label, members, *pairs[0]))
+    return arms
+
+
+def spread(values: list, digits: int) -> str:
+    """'mean (min..max)' over seeds, or the value alone for one seed; '-' for none."""
+    if not values:
+        return "-"
+    mean = f"{sum(values) / len(values):.{digits}f}"
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ({low}..{high})"
+
+
+def last_probe(run: Run):
+    """The BlockProbe at the run's last probed step; None without a probe."""
+    return run.probes[max(run.probes)] if run.probes else None
+
+
+def per_block(arm: Arm, table: str, t: float) -> list:
+    """[{block: value}, one per seed with a probe], at each seed's last probed step; table:
+    "accuracy" (in %) or "teacher_cosine"."""
+    scale = 100 if table == "accuracy" else 1
+    seeds = [getattr(last_probe(run), table).get(t, {}) for run in arm.runs if run.probes]
+    return [{k: scale * value for k, value in seed.items()} for seed in seeds if seed]
+
+
+def compare_table(arms: list) -> str:
+    """The figure's numbers as text: losses at the end, then every block's probe accuracy and
+    cosine to the teacher, each as the mean over seeds (min..max)."""
+    lines = ["arms (runs whose configs differ only in --seed):"]
+    for arm in arms:
+        seeds = ", ".join(f"{run.name} (seed {run.config['seed']})" for run in arm.runs)
+        lines.append(f"  {arm.label}: {len(arm.runs)} seed(s): {seeds}")
+    width = max(24, *(len(arm.label) for arm in arms))
+    lines.append(f"{'arm':<{width}} {'seeds':>5} {'step':>7} {'fm':>26} {'layersync':>27} "
+                 f"{'student':>7} {'teacher':>7}")
+    for arm in arms:
+        last = [run.metrics[-1] for run in arm.runs if run.metrics]
+        steps = "/".join(sorted({f"{row['step']:.0f}" for row in last})) or "-"
+        fm, sync = (spread([row[key] for row in last], 4) for key in ("fm", "layersync"))
+        lines.append(f"{arm.label:<{width}} {len(arm.runs):>5} {steps:>7} {fm:>26} {sync:>27} "
+                     f"{arm.student!s:>7} {arm.teacher!s:>7}")
+    probed = [run for arm in arms for run in arm.runs if run.probes]
+    ts = sorted({t for run in probed for t in last_probe(run).accuracy}, reverse=True)
+    cell = max(22, *(len(arm.label) for arm in arms))
+    for table, title, digits in (("accuracy", "probe accuracy (%)", 1),
+                                 ("teacher_cosine", "cosine to the teacher block", 3)):
+        for t in ts:
+            columns = [per_block(arm, table, t) for arm in arms]
+            depth = max((max(seed) for seeds in columns for seed in seeds), default=0)
+            if not depth:
+                continue
+            lines.append(f"{title} per block, t={t:g}, at each run's last probed step, "
+                         f"mean over seeds (min..max):")
+            lines.append(f"{'block':>6} " + " ".join(f"{arm.label:>{cell}}" for arm in arms))
+            for k in range(1, depth + 1):
+                cells = []
+                for arm, seeds in zip(arms, columns):
+                    mark = "s" if k == arm.student else "t" if k == arm.teacher else " "
+                    values = [seed[k] for seed in seeds if k in seed]
+                    cells.append(f"{spread(values, digits)}{mark}".rjust(cell))
+                lines.append(f"{k:>6} " + " ".join(cells))
+    lines.append("(s = LayerSync student block, t = teacher block; where the blocks between the "
+                 "student and the teacher all sit near cosine 1, the regulariser is collapsing "
+                 "them)")
+    if any(len(arm.runs) == 1 for arm in arms):
+        lines.append("note: an arm with one seed: differences between seeds of the same config can "
+                     "be as large as the effect; train each arm with 2 or more --seed values")
     return "\n".join(lines)
+def over_seeds(curves: list) -> tuple:
+    """Curves {x: y}, one per seed -> (xs, mean, min, max) over the x that every seed has."""
+    xs = sorted(set.intersection(*(set(curve) for curve in curves))) if curves else []
+    columns = [[curve[x] for curve in curves] for x in xs]
+    return (xs, [sum(c) / len(c) for c in columns], [min(c) for c in columns],
+            [max(c) for c in columns])
 
 
-def compare_figure(runs: list, path: str):
-    """Four panels: (a) losses, (b) probe accuracy per block, (c) the student block's accuracy
-    over training, (d) the last sample grids. Colour = run, line style = what or which t."""
+def compare_figure(arms: list, path: str):
+    """Five panels, each the mean over an arm's seeds with a min..max band: (a) losses, (b) the
+    probe of every block, (c) every block's cosine to the teacher, (d) the student block over
+    training, (e) each arm's last sample grid. Colour = arm, line style = what or which t."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -274,72 +347,90 @@ def compare_figure(runs: list, path: str):
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
-    ts = sorted({row["t"] for run in runs for row in run["probe"]}, reverse=True)
-    fig = plt.figure(figsize=(14, 10), layout="constrained")
-    grid = fig.add_gridspec(2, 2)
-    ax_loss, ax_block, ax_student = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, 0])
+    ts = sorted({t for arm in arms for run in arm.runs for probe in run.probes.values()
+                 for t in probe.accuracy}, reverse=True)
+    fig = plt.figure(figsize=(14, 15), layout="constrained")
+    grid = fig.add_gridspec(3, 2, height_ratios=[1, 1, 0.8])
+    ax_loss, ax_block = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    ax_cosine, ax_student = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
     ax_sync = ax_loss.twinx()
-    for i, run in enumerate(runs):
+
+    def band(ax, curve, colour, style="-", marker=None):
+        xs, mean, low, high = curve
+        ax.plot(xs, mean, color=colour, linestyle=style, marker=marker)
+        if any(lo != hi for lo, hi in zip(low, high)):
+            ax.fill_between(xs, low, high, color=colour, alpha=0.2, linewidth=0)
+
+    for i, arm in enumerate(arms):
         colour = colours[i % len(colours)]
-        steps = [row["step"] for row in run["metrics"]]
-        ax_loss.plot(steps, [row["fm"] for row in run["metrics"]], color=colour)
-        ax_sync.plot(steps, [row["layersync"] for row in run["metrics"]], color=colour, linestyle="--")
-        _, table = last_probe(run)
+        for key, ax, style in (("fm", ax_loss, "-"), ("layersync", ax_sync, "--")):
+            curves = [{row["step"]: row[key] for row in run.metrics} for run in arm.runs]
+            band(ax, over_seeds(curves), colour, style)
         for j, t in enumerate(ts):
-            if t not in table:
-                continue
-            blocks = sorted(table[t])
-            ax_block.plot(blocks, [100 * table[t][k] for k in blocks], color=colour, linestyle=styles[j % 4],
-                          marker=".")
-            for k, marker in ((run["student"], "v"), (run["teacher"], "*")):
-                if k in table[t]:
-                    ax_block.plot([k], [100 * table[t][k]], marker=marker, markersize=13, color=colour,
-                                  markeredgecolor="black", linestyle="none")
-            history = sorted((row["step"], row["accuracy"]) for row in run["probe"]
-                             if row["t"] == t and row["block"] == run["student"])
-            ax_student.plot([s for s, _ in history], [100 * a for _, a in history], color=colour,
-                            linestyle=styles[j % 4], marker="o")
-    run_keys = [Line2D([], [], color=colours[i % len(colours)], label=run["label"]) for i, run in enumerate(runs)]
+            style = styles[j % 4]
+            for ax, table in ((ax_block, "accuracy"), (ax_cosine, "teacher_cosine")):
+                seeds = per_block(arm, table, t)
+                if not seeds:
+                    continue
+                blocks, mean, _, _ = curve = over_seeds(seeds)
+                band(ax, curve, colour, style, ".")
+                for k, marker in ((arm.student, "v"), (arm.teacher, "*")):
+                    if k in blocks:
+                        ax.plot([k], [mean[blocks.index(k)]], marker=marker, markersize=13,
+                                color=colour, markeredgecolor="black", linestyle="none")
+            history = [{step: 100 * probe.accuracy[t][arm.student]
+                        for step, probe in run.probes.items()
+                        if arm.student in probe.accuracy.get(t, {})} for run in arm.runs]
+            band(ax_student, over_seeds([h for h in history if h]), colour, style, "o")
+    arm_keys = [Line2D([], [], color=colours[i % len(colours)],
+                       label=f"{arm.label} ({len(arm.runs)} seed{'s' * (len(arm.runs) > 1)})")
+                for i, arm in enumerate(arms)]
     t_keys = [Line2D([], [], color="black", linestyle=styles[j % 4], label=f"probe at t={t:g}")
               for j, t in enumerate(ts)]
-    ax_loss.set(title="(a) training losses", xlabel="step", ylabel="flow-matching loss, Eq. 1 (solid)")
+    markers = [Line2D([], [], marker=m, color="grey", markeredgecolor="black", linestyle="none",
+                      markersize=10, label=f"{role} block")
+               for m, role in (("v", "student"), ("*", "teacher"))]
+    ax_loss.set(title="(a) training losses: mean over seeds, band = min..max", xlabel="step",
+                ylabel="flow-matching loss, Eq. 1 (solid)")
     ax_sync.set_ylabel("LayerSync term, Eq. 2: -cosine (dashed)")
-    ax_loss.legend(handles=run_keys + [Line2D([], [], color="black", label="fm (left axis)"),
-                                       Line2D([], [], color="black", linestyle="--", label="LayerSync (right axis)")],
-                   fontsize=9, loc="center right")
-    chance = 100 / runs[0]["num_classes"]
+    ax_loss.legend(handles=arm_keys + [Line2D([], [], color="black", label="fm (left axis)"),
+                                       Line2D([], [], color="black", linestyle="--",
+                                              label="LayerSync (right axis)")],
+                   fontsize=9, loc="upper right")
+    chance = 100 / arms[0].runs[0].config["model"]["num_classes"]
     for ax in (ax_block, ax_student):
         ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":")
         ax.set_ylabel("probe top-1 accuracy (%), dotted: chance")
-    steps = sorted({last_probe(run)[0] for run in runs if run["probe"]})
-    ax_block.set(title=f"(b) linear probe of every block at step {', '.join(map(str, steps))}", xlabel="block")
-    ax_block.xaxis.get_major_locator().set_params(integer=True)
-    markers = [Line2D([], [], marker="v", color="grey", markeredgecolor="black", linestyle="none", label="student block"),
-               Line2D([], [], marker="*", color="grey", markeredgecolor="black", linestyle="none", markersize=10,
-                      label="teacher block")]
-    ax_block.legend(handles=run_keys + t_keys + markers, fontsize=9)
-    ax_student.set(title="(c) the student block's probe accuracy over training", xlabel="step")
-    ax_student.legend(handles=run_keys + t_keys, fontsize=9)
-    pictures = grid[1, 1].subgridspec(1, len(runs))
-    for i, run in enumerate(runs):
+    ax_block.set(title="(b) linear probe of every block, at the last probed step", xlabel="block")
+    ax_cosine.set(title="(c) each block's mean per-token cosine to the teacher block:\n"
+                        "all blocks between student and teacher near 1 = collapse",
+                  xlabel="block", ylabel="cosine to the teacher block")
+    for ax in (ax_block, ax_cosine):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(handles=arm_keys + t_keys + markers, fontsize=9)
+    ax_student.set(title="(d) the student block's probe accuracy over training", xlabel="step")
+    ax_student.legend(handles=arm_keys + t_keys, fontsize=9)
+    pictures = grid[2, :].subgridspec(1, len(arms))
+    for i, arm in enumerate(arms):
         ax = fig.add_subplot(pictures[0, i])
         ax.axis("off")
-        if run["grid"]:
-            ax.imshow(Image.open(run["grid"]), interpolation="nearest")
-            ax.set_title(f"(d) {run['name']}, {os.path.basename(run['grid'])}", fontsize=9)
+        run = arm.runs[0]
+        if run.grid:
+            ax.imshow(Image.open(run.grid), interpolation="nearest")
+            ax.set_title(f"(e) {arm.label}: {run.name}, {os.path.basename(run.grid)}", fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def compare(args):
-    runs = [read_run(folder) for folder in args.compare]
-    print(compare_table(runs))
+    arms = group_into_arms([read_run(folder) for folder in args.compare])
+    print(compare_table(arms))
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401 (only: is it installed?)
     except ImportError:
         fail("--compare: the figure needs the optional extra matplotlib: pip install matplotlib "
              "(the same numbers are printed above)")
-    compare_figure(runs, args.figure)
+    compare_figure(arms, args.figure)
     print(f"figure: {args.figure}")
 
 

@@ -259,7 +259,6 @@ def no_work(monkeypatch):
 
 def terminate_after_two_logged_steps(cmd, out, timeout=120):
     """Start a training command, send SIGTERM once metrics.csv has two rows; returns (code, stderr)."""
-    import time
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + timeout
@@ -1106,7 +1105,7 @@ def test_train_writes_probe_csv_through_a_resume(image_folder, tmp_path, capsys)
     out = tmp_path / "run"
     common = ["--probe-every", "2", "--sample-every", "100", "--probe-t", "1,0.5"]
     train(image_folder, out, "--steps", "3", *common)
-    printed = capsys.readouterr().out + capsys.readouterr().err
+    capsys.readouterr()
     train(image_folder, out, "--steps", "5", "--resume", *common)
     rows = list(csv.DictReader(open(out / "probe.csv")))
     keys = [(int(r["step"]), float(r["t"]), int(r["block"])) for r in rows]
@@ -1179,13 +1178,56 @@ def test_compare_writes_a_figure_or_says_what_to_install(image_folder, tmp_path,
     sample_script.main(["--compare", *runs, "--figure", str(figure)])
     assert Image.open(figure).size[0] > 1000
     table = capsys.readouterr().out
-    assert "base (baseline)" in table and "sync (LayerSync lambda 0.2)" in table and "t=0.5" in table
+    assert "baseline: 1 seed(s): base (seed 0)" in table and "LayerSync lambda 0.2: 1 seed(s): sync" in table
+    assert "t=0.5" in table and "cosine to the teacher block per block" in table
+    assert "note: an arm with one seed" in table  # one seed per arm: the spread is unknown
     os.remove(figure)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     message = run_error(["--compare", *runs, "--figure", str(figure)], sample_script.main)
     assert "pip install matplotlib" in message and not figure.exists()
     assert table.startswith(capsys.readouterr().out)  # the same numbers, as text
     assert "not a train_cifar.py run folder" in run_error(["--compare", str(tmp_path)], sample_script.main)
+
+
+def test_compare_groups_seeds_into_arms_with_their_spread(image_folder, tmp_path, capsys):
+    """Runs that differ only in --seed are one arm: mean (min..max) over them, for the losses,
+    the probe of every block and the cosine to the teacher."""
+    common = ["--steps", "4", "--probe-every", "4", "--sample-every", "4", "--log-every", "2"]
+    for name, extra in (("b0", ["--layersync-weight", "0"]), ("b1", ["--layersync-weight", "0", "--seed", "1"]),
+                        ("s0", []), ("s1", ["--seed", "1"]), ("lr", ["--lr", "3e-4"])):
+        train(image_folder, tmp_path / name, *common, *extra)
+    capsys.readouterr()
+    arms = sample_script.group_into_arms([sample_script.read_run(str(tmp_path / n))
+                                          for n in ("b0", "s0", "b1", "s1", "lr")])
+    assert [[run.name for run in arm.runs] for arm in arms] == [["b0", "b1"], ["s0", "s1"], ["lr"]]
+    assert [arm.label for arm in arms] == ["baseline", "LayerSync lambda 0.2, lr 0.0001",
+                                           "LayerSync lambda 0.2, lr 0.0003"]
+    table = sample_script.compare_table(arms)
+    # the baseline's fm at the last step, over its two seeds, as metrics.csv holds it
+    fm = [float(list(csv.DictReader(open(tmp_path / n / "metrics.csv")))[-1]["fm"]) for n in ("b0", "b1")]
+    assert fm[0] != fm[1]
+    assert f"{sum(fm) / 2:.4f} ({min(fm):.4f}..{max(fm):.4f})" in table
+    # and block 3's probe accuracy at t = 1
+    acc = [float(next(r["accuracy"] for r in csv.DictReader(open(tmp_path / n / "probe.csv"))
+                      if r["t"] == "1" and r["block"] == "3")) * 100 for n in ("b0", "b1")]
+    section = table.split("probe accuracy (%) per block, t=1,")[1].splitlines()
+    row = next(line for line in section[2:] if line.split()[0] == "3")
+    assert row.split()[1:3] == [f"{sum(acc) / 2:.1f}", f"({min(acc):.1f}..{max(acc):.1f})"]
+    assert "note: an arm with one seed" in table  # the lr arm
+    without_lr = sample_script.compare_table(arms[:2])
+    assert "note:" not in without_lr and "2 seed(s)" in without_lr
+
+
+def test_a_baseline_measures_the_teacher_cosine_of_the_default_pair(image_folder, tmp_path):
+    """--layersync-weight 0 still records every block's cosine to the default pair's teacher,
+    without a gradient, so its profile compares with LayerSync's."""
+    out = tmp_path / "base"
+    train(image_folder, out, "--layersync-weight", "0", "--steps", "2", "--probe-every", "2")
+    assert checkpoint(out)["config"]["layersync_pairs"] == [list(L.default_layersync_pair(3))] == [[1, 2]]
+    rows = list(csv.DictReader(open(out / "probe.csv")))
+    assert len(rows) == 2 * 3 and all(r["teacher_cosine"] != "" for r in rows)
+    teacher = [float(r["teacher_cosine"]) for r in rows if r["block"] == "2"]
+    assert teacher == pytest.approx([1.0, 1.0], abs=1e-5)  # the teacher block against itself
 
 
 # ================================================================ 7. several processes (torchrun, gloo on the CPU)

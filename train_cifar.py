@@ -987,10 +987,10 @@ def time_steps(args, config: dict, pairs, weight, data_parallel=True) -> tuple:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(device, one_step, args.bench_steps)
-    finite = torch.isfinite(last["losses"]["loss"])
+    finite = torch.isfinite(last.pop("losses")["loss"])
     agree(None if finite else "error: bench: the loss became non-finite")
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    del parts, last
+    parts = None  # free the model before the next one is built
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return seconds, memory
