@@ -1,4 +1,4 @@
-"""LayerSync in one file: the loss, the SiT it regularises, the objective and the samplers.
+"""LayerSync in one file: the loss, the SiT it regularises, the objective, samplers and a probe.
 
 LayerSync ("Self-aligning Intermediate Layers", Haghighi et al., ICLR 2026) lets a
 diffusion/flow transformer teach itself: the per-token features of a weak, shallow

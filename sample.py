@@ -327,6 +327,8 @@ def compare_table(arms: list) -> str:
         lines.append("note: an arm with one seed: differences between seeds of the same config can "
                      "be as large as the effect; train each arm with 2 or more --seed values")
     return "\n".join(lines)
+
+
 def over_seeds(curves: list) -> tuple:
     """Curves {x: y}, one per seed -> (xs, mean, min, max) over the x that every seed has."""
     xs = sorted(set.intersection(*(set(curve) for curve in curves))) if curves else []

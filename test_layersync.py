@@ -888,7 +888,7 @@ def test_resume_edge_cases(image_folder, tmp_path, monkeypatch):
         assert "\n" not in error
 
 
-def test_one_precision_rule_for_the_step_the_grids_and_the_probe(image_folder, tmp_path, monkeypatch):
+def test_one_precision_rule_for_step_grids_and_probe(image_folder, tmp_path, monkeypatch):
     """--precision decides autocast everywhere (before, the probe and sample.py chose by device)."""
     seen, real = [], train_cifar.autocast
 
@@ -901,7 +901,8 @@ def test_one_precision_rule_for_the_step_the_grids_and_the_probe(image_folder, t
         train(image_folder, tmp_path / precision, "--steps", "2", "--sample-every", "2",
               "--probe-every", "2", "--precision", precision)
         assert len(seen) == 2 + 1 + 1 and set(seen) == {precision}  # 2 steps, 1 grid, 1 probe
-    assert real(torch.device("cpu"), "bf16")._enabled and not real(torch.device("cpu"), "fp32")._enabled
+    cpu = torch.device("cpu")
+    assert real(cpu, "bf16")._enabled and not real(cpu, "fp32")._enabled
 
 
 def test_bench_times_baseline_and_layersync(capsys):
