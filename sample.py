@@ -393,12 +393,12 @@ def compare_figure(arms: list, path: str):
                       markersize=10, label=f"{role} block")
                for m, role in (("v", "student"), ("*", "teacher"))]
     ax_loss.set(title="(a) training losses: mean over seeds, band = min..max", xlabel="step",
-                ylabel="flow-matching loss, Eq. 1 (solid)")
+                ylabel="flow-matching loss, Eq. 1 (solid, log scale)", yscale="log")
     ax_sync.set_ylabel("LayerSync term, Eq. 2: -cosine (dashed)")
     ax_loss.legend(handles=arm_keys + [Line2D([], [], color="black", label="fm (left axis)"),
                                        Line2D([], [], color="black", linestyle="--",
                                               label="LayerSync (right axis)")],
-                   fontsize=9, loc="upper right")
+                   fontsize=9, loc="center right")
     chance = 100 / arms[0].runs[0].config["model"]["num_classes"]
     for ax in (ax_block, ax_student):
         ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":")
