@@ -410,8 +410,10 @@ def probe_data(config: dict, data_dir: str) -> ProbeData:
     return probe_split(config["data"], data_dir, images, labels)
 
 
-def run_probe(model: SiT, data: ProbeData, ts: list, teacher, precision: str):
-    """layersync.linear_probe on the run's probe images, at the run's precision."""
+def run_probe(model: SiT, data: ProbeData, ts: list, pairs: list, precision: str):
+    """layersync.linear_probe on the run's probe images, at the run's precision; the cosines are
+    measured against the first pair's teacher block (also in a baseline, without a gradient)."""
+    teacher = pairs[0][1] if pairs else None
     with autocast(model.pos_embed.device, precision):
         return linear_probe(model, data.fit, data.scored, ts, teacher)
 
@@ -512,7 +514,6 @@ def train(args):
     say(describe_run(args, run, parts.model, pairs))
     metrics = CsvLog(os.path.join(args.out, "metrics.csv"), METRICS_FIELDS, step)
     probes = run.probe_data and CsvLog(os.path.join(args.out, "probe.csv"), PROBE_FIELDS, step)
-    teacher = pairs[0][1] if pairs else None  # the probe's teacher_cosine is measured against it
     grid = grid_inputs(run.config["model"], device)
     non_finite = NonFiniteWatch(device, ckpt_path)
     signals, stop_signal = StopSignals(), 0
@@ -561,7 +562,7 @@ def train(args):
                     say(f"warning: could not write {path} ({error})")
             # the linear probe of every block of the EMA model (rank 0 only)
             if probes and master_process and due(args.probe_every):
-                probe = run_probe(parts.ema, run.probe_data, args.probe_t, teacher, args.precision)
+                probe = run_probe(parts.ema, run.probe_data, args.probe_t, pairs, args.precision)
                 probes.write(probe_rows(step, probe))
                 say(f"probe at step {step}: {probe_summary(probe, pairs)}")
             last_log_time += time.perf_counter() - pause  # img_per_s counts training time only
@@ -1053,8 +1054,7 @@ def bench_probe(args, config: dict, pairs) -> float:
     images = torch.rand(n, 3, size, size) * 2 - 1
     labels = torch.arange(n) % config["num_classes"]
     data = ProbeData((images[:half], labels[:half]), (images[half:], labels[half:]), "synthetic")
-    teacher = pairs[0][1] if pairs else None
-    probe = lambda: run_probe(model, data, args.probe_t, teacher, args.precision)  # noqa: E731
+    probe = lambda: run_probe(model, data, args.probe_t, pairs, args.precision)  # noqa: E731
     probe()  # warm-up
     return timed(args.device, probe) / n
 
