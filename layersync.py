@@ -85,10 +85,11 @@ def record_blocks(blocks, block_numbers, pick=None):
 
     def recorder(k):
         def hook(module, inputs, output):
-            out[k] = pick(output) if pick else output  # (B, N, D), autograd graph attached
-            if not isinstance(out[k], torch.Tensor):
+            value = pick(output) if pick else output
+            if not isinstance(value, torch.Tensor):  # never a loss on the wrong element
                 raise TypeError(f"record_blocks: block {k} returned {type(output).__name__}, not a "
                                 f"tensor; pass pick=, e.g. pick=lambda out: out[0]")
+            out[k] = value  # (B, N, D), autograd graph attached: Eq. 2's f^k
         return hook
 
     handles = [blocks[k - 1].register_forward_hook(recorder(k)) for k in dict.fromkeys(numbers)]
@@ -418,7 +419,6 @@ def guided_velocity(model: SiT, y: torch.Tensor, cfg_scale: float = 1.0):
         v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), y_both).chunk(2)
         return v_uncond + cfg_scale * (v_cond - v_uncond)
     return velocity_fn
-
 
 
 # ---------------------------------------------------------------------------

@@ -401,9 +401,9 @@ def test_record_blocks_pick_selects_the_tensor_of_a_tuple_output():
             by_hand.append(h)
     assert torch.equal(out[1], by_hand[0]) and torch.equal(out[3], by_hand[2])
     with pytest.raises(TypeError, match="returned tuple.*pick="):
-        with L.record_blocks(blocks, [1]):
+        with L.record_blocks(blocks, [1]) as unpicked:
             blocks[0](x)
-    assert hook_count(blocks) == 0
+    assert hook_count(blocks) == 0 and 1 not in unpicked  # the tuple was never recorded
 
 
 def test_readme_hook_example_runs_as_printed():

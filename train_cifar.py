@@ -9,8 +9,10 @@ A run writes to --out: metrics.csv, probe.csv (a linear probe of every block), s
 (EMA model, fixed noise, one row per class) and last.pt (model, EMA, optimizer, step, config, RNG
 states); --resume continues it. Ctrl-C or SIGTERM saves and stops.
 
-Read in order: the flags, the data, the training step, train(), the checkpoints. What a first
-reading can skip (torchrun agreement, signals, CSV repair on resume, the benchmark) comes last.
+Read in order: the flags, the data, the training step, train(), the checkpoints. To see how
+LayerSync is trained, jump to the section "the training step": train_step is one AdamW step on
+Eq. 3 (layersync.training_loss), and train() is the loop around it. What a first reading can
+skip (torchrun agreement, signals, CSV repair on resume, the benchmark) comes last.
 """
 
 import argparse
