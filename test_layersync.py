@@ -1,9 +1,12 @@
-"""Tests for layersync.py, train_cifar.py and sample.py. CPU only: `python -m pytest -q`.
+"""Tests for layersync.py, train_cifar.py and sample.py: `python -m pytest -q`, on the CPU (the CUDA
+group runs only where a GPU is visible).
 
 Helpers and fixtures first, then the tests by subject: the method (layersync.py); run and resume;
-refusals; signals and crashes; the probe; sample and compare; torchrun.
+refusals; signals and crashes; the probe; sample and compare; torchrun; CUDA (skipped without a
+GPU) and the dry run of the prepared GPU script, .ci/gpu.
 """
 
+import copy
 import csv
 import math
 import os
@@ -1468,3 +1471,160 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(image_folder, tmp_path):
     assert result.returncode != 0 and len(ours) == 1, result.stderr[-2000:]
     assert "non-finite at step 3" in ours[0]
     assert checkpoint(tmp_path / "run")["step"] == 2  # the last good state
+
+
+# ================================================================ 8. CUDA, and the prepared GPU run
+#
+# What only a GPU runs: bf16 autocast, torch.compile with inductor, fused AdamW, the CUDA RNG in a
+# resume, sampling, the probe and the benchmark on the device. `bash .ci/gpu` runs these first;
+# `bash .ci/gpu --dry-run` (tested last) runs its plumbing on the CPU.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="CUDA test: no CUDA GPU is visible")
+GPU = torch.device("cuda")
+
+
+def on_gpu(model, n=32):
+    """A small SiT and a batch of its inputs, on the GPU."""
+    x, y = batch(model, n=n)
+    return model.to(GPU), x.to(GPU), y.to(GPU)
+
+
+def flat_distance(a: list, b: list) -> float:
+    """||a - b|| / ||b|| over lists of tensors."""
+    a, b = (torch.cat([t.detach().double().flatten() for t in ts]) for ts in (a, b))
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 matrix products in full precision (train_cifar.main turns TF32 on for CUDA runs)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@needs_cuda
+def test_cuda_bf16_step_is_close_to_fp32():
+    model, x, y = on_gpu(tiny_sit(depth=4))
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)  # the same noise, t and label drops on the GPU
+        with train_cifar.autocast(GPU, precision):
+            losses[precision] = L.training_loss(model, x, y, [(1, 3)], 0.2)
+    for key in ("fm", "layersync"):  # bf16 rounds each value to 8 bits: 0.4% relative
+        assert torch.isfinite(losses["bf16"][key]), key
+        assert losses["bf16"][key].item() == pytest.approx(losses["fp32"][key].item(), rel=2e-2)
+
+
+@needs_cuda
+def test_cuda_compiled_step_matches_eager_without_recompiles(tmp_path, monkeypatch, no_tf32):
+    """train_cifar's own compiled step (model, LayerSync, AdamW, EMA): after the first step, 29
+    more compile nothing new and break no graph, and the losses follow the eager ones."""
+    from torch._dynamo.utils import counters
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's label drops
+    torch._dynamo.reset()
+    counters.clear()
+    fm, graphs = {}, []
+    for flags in (["--no-compile"], []):
+        args = train_cifar.parse_args([*TINY, "--device", "cuda", "--precision", "fp32",
+                                       "--out", str(tmp_path), *flags])
+        parts = train_cifar.build(args, train_cifar.model_config(args, num_classes=3), GPU)
+        x, y = torch.randn(8, 3, 8, 8, device=GPU), torch.arange(8, device=GPU) % 3
+        fm[args.compile] = []
+        for step in range(30):
+            losses, _ = train_cifar.train_step(args, parts, x, y, step, [(1, 2)], 0.2)
+            fm[args.compile].append(losses["fm"])
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[30] > 0 and graphs[30] == graphs[-1], graphs  # compiled once, at step 0
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    eager, compiled = (torch.stack(fm[c]).cpu() for c in (False, True))
+    assert torch.allclose(compiled, eager, rtol=1e-3), (compiled, eager)
+
+
+@needs_cuda
+def test_cuda_fused_adamw_equals_the_plain_one():
+    model, x, y = on_gpu(tiny_sit())
+    torch.manual_seed(0)
+    L.training_loss(model, x, y, [(1, 3)], 0.2)["loss"].backward()
+    updates = []
+    for fused in (True, False):
+        copied = copy.deepcopy(model)
+        for p, q in zip(copied.parameters(), model.parameters()):
+            p.grad = q.grad.clone()  # the same gradients for both
+        optimizer = torch.optim.AdamW(copied.parameters(), lr=1e-3, weight_decay=0.01, fused=fused)
+        for _ in range(3):  # the moments accumulate over three steps
+            optimizer.step()
+        updates.append([p - q for p, q in zip(copied.parameters(), model.parameters())])
+    assert flat_distance(updates[0], updates[1]) < 1e-5
+
+
+@needs_cuda
+def test_cuda_resume_equals_uninterrupted_bit_for_bit(image_folder, tmp_path):
+    """The default GPU path (bf16, compiled), 5 steps + --resume to 10 against 10 straight steps."""
+    common = ["--device", "cuda", "--log-every", "5", "--sample-every", "100",
+              "--ckpt-every", "100", "--probe-every", "0"]
+    train(image_folder, tmp_path / "straight", "--steps", "10", *common)
+    train(image_folder, tmp_path / "resumed", "--steps", "5", *common)
+    train(image_folder, tmp_path / "resumed", "--steps", "10", "--resume", *common)
+    a, b = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
+    assert a["config"]["precision"] == "bf16" and a["step"] == b["step"] == 10
+    assert_same_training_state(a, b)
+    assert torch.equal(a["rng"]["ranks"][0]["cuda"], b["rng"]["ranks"][0]["cuda"])
+
+
+@needs_cuda
+def test_cuda_sample_writes_grid_and_npz(image_folder, tmp_path):
+    train(image_folder, tmp_path / "run", "--steps", "2", "--device", "cuda")
+    npz, grid = tmp_path / "s.npz", tmp_path / "g.png"
+    sample_script.main(["--ckpt", str(tmp_path / "run" / "last.pt"), "--n", "6", "--steps", "2",
+                        "--npz", str(npz), "--grid", str(grid), "--device", "cuda"])
+    assert np.load(npz)["arr_0"].shape == (6, 8, 8, 3) and Image.open(grid).size[0] > 0
+
+
+@needs_cuda
+def test_cuda_probe_in_bf16_agrees_with_fp32(trained_colour_model):
+    model = copy.deepcopy(trained_colour_model).to(GPU)
+    probes = {}
+    for precision in ("fp32", "bf16"):
+        with train_cifar.autocast(GPU, precision):
+            probes[precision] = probe_colour_model(model)
+    for t, blocks in probes["fp32"].accuracy.items():
+        for k, accuracy in blocks.items():  # within 5 points at every block and noise level
+            assert abs(probes["bf16"].accuracy[t][k] - accuracy) <= 0.05, (t, k)
+
+
+@needs_cuda
+def test_cuda_bench_prints_throughput_mfu_and_memory(capsys):
+    train_cifar.main([*TINY, "--device", "cuda", "--bench", "--bench-steps", "3",
+                      "--bench-warmup", "2", "--probe-every", "500"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "img/s" in lines[1] and "TFLOP/s" in lines[1] and "MFU" in lines[1]
+    for row in lines[2:4]:  # baseline, layersync: ms/step img/s TFLOP/s MFU peak-GB
+        label, ms, images_per_s, tflops, mfu, peak_gb = row.split()
+        assert min(float(ms), float(images_per_s), float(peak_gb)) > 0 <= float(tflops), row
+        known = any(key in torch.cuda.get_device_name() for key in train_cifar.PEAK_BF16_FLOPS)
+        assert mfu.endswith("%") if known else mfu == "n/a", row
+
+
+def test_gpu_script_dry_run_measures_and_projects(tmp_path):
+    """bash .ci/gpu --dry-run: the prepared GPU run's plumbing at a tiny scale on the CPU. Its
+    projection is the arithmetic it prints, on the step time of the metrics.csv it wrote."""
+    result = subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu"), "--dry-run", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHON=sys.executable))
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    for name in ("cuda-tests", "bench-S2", "bench-B2", "stand-in", "default-run"):
+        assert f"{name}: exit 0" in summary, summary
+    assert summary.count("LayerSync / baseline step time") == 2
+    assert ("skipped" if not torch.cuda.is_available() else "passed") in summary
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    per_step = sorted(8 / float(row["img_per_s"]) for row in rows[1:])  # batch 8
+    numbers = re.search(r"projected default run: 100,000 steps x ([\d.]+) s \+ (-?[\d.]+) s \+ "
+                        r"20 pauses x ([\d.]+) s = (\d+) s", summary)
+    step, warm_up, pause, total = (float(n) for n in numbers.groups())
+    assert step == pytest.approx((per_step[0] + per_step[-1]) / 2, abs=1e-5)  # median of two
+    assert total == pytest.approx(100_000 * step + warm_up + 20 * pause, abs=3)
