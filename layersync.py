@@ -212,10 +212,11 @@ class SiT(nn.Module):
             raise ValueError(f"SiT: input_size {input_size}, patch_size {patch_size}, hidden_size "
                              f"{hidden_size}, depth {depth} and num_heads {num_heads} must all "
                              f"be >= 1")
-        if input_size % patch_size or hidden_size % num_heads or hidden_size % 4:
-            raise ValueError(f"SiT: input_size {input_size} must be divisible by patch_size "
-                             f"{patch_size}, hidden_size {hidden_size} by num_heads {num_heads} "
-                             f"and 4")
+        for size, divisor, what in ((input_size, patch_size, "input_size"),
+                                    (hidden_size, num_heads, "hidden_size"),
+                                    (hidden_size, 4, "hidden_size")):  # 4: the 2D sin-cos table
+            if size % divisor:
+                raise ValueError(f"SiT: {what} {size} must be divisible by {divisor}")
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -263,22 +264,23 @@ class SiT(nn.Module):
         """x (B, C, H, W), t (B,) in [0, 1], y (B,) labels.
 
         Returns the velocity (B, C, H, W); with return_layers=(k, ...) (1-indexed blocks)
-        returns (velocity, [h_k, ...]), h_k the (B, N, D) residual stream after block k.
+        returns (velocity, [h_k, ...]), h_k the (B, N, D) residual stream after block k
+        (k = 0: the embedded input tokens, before the first block).
         """
         for k in return_layers:
-            if not 1 <= k <= len(self.blocks):
+            if not 0 <= k <= len(self.blocks):
                 raise ValueError(f"return_layers: block {k} does not exist; "
-                                 f"blocks are numbered 1..{len(self.blocks)}")
+                                 f"blocks are numbered 1..{len(self.blocks)} (0: the input tokens)")
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D) conditioning
-        hidden = []
+        hidden = [x]
         for block in self.blocks:
             x = block(x, c)
             hidden.append(x)  # f^k(x_t) of Eq. 2: the residual stream after block k
         velocity = self.unpatchify(self.final_layer(x, c))  # (B, C, H, W)
         if not return_layers:
             return velocity
-        return velocity, [hidden[k - 1] for k in return_layers]
+        return velocity, [hidden[k] for k in return_layers]
 
 
 # depth, hidden size, heads of SiT-S/B/L/XL; patch 2, 4 or 8. Overrides go as keywords:
@@ -403,7 +405,8 @@ def guided_velocity(model: SiT, y: torch.Tensor, cfg_scale: float = 1.0):
     """Classifier-free guidance: v = v_uncond + w (v_cond - v_uncond), as a velocity_fn(x, t).
 
     Conditional and unconditional halves share one batched forward; the null class is
-    `num_classes`; every channel is guided (DiT guided only 3 of them, a known bug).
+    `num_classes`; every channel is guided (DiT's sampling code guides only the first 3 of its 4
+    latent channels, on purpose, to reproduce its paper's numbers).
     cfg_scale 1 is the conditional model alone, one plain forward.
     """
     if model.training:
@@ -428,46 +431,53 @@ def guided_velocity(model: SiT, y: torch.Tensor, cfg_scale: float = 1.0):
 # the weak ones; the paper shows it with a per-layer linear probe. This one is closed-form (ridge),
 # so it is deterministic and cheap enough to run during training.
 
-BlockProbe = namedtuple("BlockProbe", "accuracy teacher_cosine")  # each {t: {block: value}}
+# each {t: {block: value}}; relative_update: ||h_k - h_{k-1}|| / ||h_{k-1}|| per token, the size of
+# block k's write to the residual stream (near 0: the block barely changes it)
+BlockProbe = namedtuple("BlockProbe", "accuracy teacher_cosine relative_update")
+BlockFeatures = namedtuple("BlockFeatures", "features teacher_cosine relative_update")
 
 
 @torch.no_grad()
 def block_features(model: SiT, x1: torch.Tensor, t: float, teacher=None, seed: int = 1234,
-                   batch_size: int = 250):
+                   batch_size: int = 250) -> BlockFeatures:
     """Every block's token-averaged residual stream (Eq. 2's f^k, pooled) on x_t, as (depth, N, D).
 
     x1: (N, C, H, W) images in [-1, 1]; x_t = t x1 + (1 - t) x0 with noise fixed by `seed`. The
     label is always the null class: a class label reaches every block through adaLN, and the
-    probe would read the label instead of the representation. With a teacher block, also each
-    block's mean per-token cosine to it (what Eq. 2 maximises for the student), as (depth,).
+    probe would read the label instead of the representation. Also, as (depth,): each block's mean
+    per-token relative update, and with a teacher block each block's mean per-token cosine to it
+    (what Eq. 2 maximises for the student).
     """
     if not model.has_null_class:
         raise ValueError("the probe feeds the null class label, and this model has none "
                          "(trained with class_dropout_prob=0)")
     device, generator = model.pos_embed.device, torch.Generator().manual_seed(seed)
-    every_block = range(1, len(model.blocks) + 1)
-    features, cosine, tokens = [], 0, 0
+    features, cosine, update, tokens = [], 0, 0, 0
     for x1_batch in x1.split(batch_size):
         x1_batch = x1_batch.to(device)
         x0 = torch.randn(x1_batch.shape, generator=generator).to(device)
         t_batch = torch.full((len(x1_batch),), t, device=device)
         y_null = torch.full((len(x1_batch),), model.num_classes, device=device)
-        _, hidden = model(t * x1_batch + (1 - t) * x0, t_batch, y_null, return_layers=every_block)
-        hidden = [h.float() for h in hidden]  # (B, N, D) each
-        features.append(torch.stack([h.mean(dim=1) for h in hidden]))  # (depth, B, D)
+        _, hidden = model(t * x1_batch + (1 - t) * x0, t_batch, y_null,
+                          return_layers=range(len(model.blocks) + 1))
+        hidden = [h.float() for h in hidden]  # (B, N, D) each, h_0 the input tokens
+        features.append(torch.stack([h.mean(dim=1) for h in hidden[1:]]))  # (depth, B, D)
+        update = update + torch.stack([((h - before).norm(dim=-1) / before.norm(dim=-1)).sum()
+                                       for before, h in zip(hidden, hidden[1:])])
         if teacher:
-            ref = F.normalize(hidden[teacher - 1], dim=-1)
-            cosine = cosine + torch.stack([(F.normalize(h, dim=-1) * ref).sum() for h in hidden])
-            tokens += hidden[0].shape[0] * hidden[0].shape[1]
-    return torch.cat(features, dim=1), (cosine / tokens if teacher else None)
+            ref = F.normalize(hidden[teacher], dim=-1)
+            cosine = cosine + torch.stack([(F.normalize(h, dim=-1) * ref).sum()
+                                           for h in hidden[1:]])
+        tokens += hidden[0].shape[0] * hidden[0].shape[1]
+    return BlockFeatures(torch.cat(features, dim=1), cosine / tokens if teacher else None,
+                         update / tokens)
 
 
 def ridge_probe_accuracy(fit_x, fit_y, test_x, test_y, num_classes: int,
                          ridge: float = 1e-3) -> float:
     """Top-1 accuracy of ridge regression onto one-hot targets, on standardised features.
 
-    Closed form: deterministic, nothing to tune, one D x D solve. A trained logistic probe tends
-    to score a little higher, but not to order the blocks differently.
+    Closed form: deterministic, nothing to tune, one D x D solve.
     """
     mean, std = fit_x.double().mean(0), fit_x.double().std(0).clamp_min(1e-6)
     x, z = (fit_x.double() - mean) / std, (test_x.double() - mean) / std
@@ -482,17 +492,20 @@ def ridge_probe_accuracy(fit_x, fit_y, test_x, test_y, num_classes: int,
 def linear_probe(model: SiT, fit, scored, ts, teacher=None) -> BlockProbe:
     """Probe every block at every noise level t: fit on `fit` = (x1, labels), score on `scored`.
 
-    Returns BlockProbe(accuracy={t: {block: top-1}}, teacher_cosine={t: {block: cosine}}; {} without
-    a teacher). Blocks are numbered from 1. The scored images get other noise than the fitted ones:
-    shared noise would let the probe match noise to labels.
+    Returns BlockProbe(accuracy={t: {block: top-1}}, teacher_cosine={t: {block: cosine}} ({} without
+    a teacher), relative_update={t: {block: update}}), blocks numbered from 1, the last two measured
+    on the fitted images. The scored images get other noise than the fitted ones: shared noise
+    would let the probe match noise to labels.
     """
-    accuracy, teacher_cosine = {}, {}
+    probe = BlockProbe({}, {}, {})
     for t in ts:
-        fit_features, cosine = block_features(model, fit[0], t, teacher, seed=1234)
-        scored_features, _ = block_features(model, scored[0], t, seed=1235)
-        accuracy[t] = {k + 1: ridge_probe_accuracy(fit_features[k], fit[1], scored_features[k],
-                                                   scored[1], model.num_classes)
-                       for k in range(len(fit_features))}
+        fitted = block_features(model, fit[0], t, teacher, seed=1234)
+        scored_features = block_features(model, scored[0], t, seed=1235).features
+        probe.accuracy[t] = {k + 1: ridge_probe_accuracy(fitted.features[k], fit[1],
+                                                         scored_features[k], scored[1],
+                                                         model.num_classes)
+                             for k in range(len(fitted.features))}
+        probe.relative_update[t] = {k + 1: float(u) for k, u in enumerate(fitted.relative_update)}
         if teacher:
-            teacher_cosine[t] = {k + 1: float(c) for k, c in enumerate(cosine)}
-    return BlockProbe(accuracy, teacher_cosine)
+            probe.teacher_cosine[t] = {k + 1: float(c) for k, c in enumerate(fitted.teacher_cosine)}
+    return probe

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from layersync import BlockProbe, SiT, guided_velocity, linear_probe, sample
 # the trainer's own formats (checkpoint, data, CSV, pixels, precision) and its flag checks
 from train_cifar import (autocast, device_arg, fail, load_checkpoint, load_data, probe_data,
-                         probe_levels, to_pixels, write_probe_csv)
+                         probe_levels, save_grid, to_pixels, write_probe_csv)
 
 
 def parse_args(argv=None):
@@ -38,7 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="ODE steps (Heun: 2 evaluations each)")
     p.add_argument("--cfg-scale", type=float, default=1.0,
                    help="classifier-free guidance; 1 = none")
-    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--n", type=int, help="number of images, labels i %% num_classes (default: 8 "
+                   "per class); --grid draws one row per class, as the training grids do, so --n "
+                   "must then be a multiple of the number of classes (--class-label: one row)")
     p.add_argument("--class-label", type=int, help="sample only this class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -86,7 +88,7 @@ def check_output_path(flag: str, path: str, extensions: tuple):
 def check_args(args):
     """All that can be checked before loading the model or drawing a sample, one line each."""
     for name in ("n", "steps", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if not math.isfinite(args.cfg_scale):
         fail(f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = no guidance)")
@@ -228,10 +230,10 @@ def read_run(folder: str) -> Run:
         with open(os.path.join(folder, "probe.csv"), newline="") as f:
             for row in csv.DictReader(f):
                 t, k = float(row["t"]), int(row["block"])
-                probe = probes.setdefault(int(row["step"]), BlockProbe({}, {}))
-                probe.accuracy.setdefault(t, {})[k] = float(row["accuracy"])
-                if row["teacher_cosine"]:
-                    probe.teacher_cosine.setdefault(t, {})[k] = float(row["teacher_cosine"])
+                probe = probes.setdefault(int(row["step"]), BlockProbe({}, {}, {}))
+                for table in probe._fields:  # an older probe.csv has no relative_update column
+                    if row.get(table):
+                        getattr(probe, table).setdefault(t, {})[k] = float(row[table])
     grids = sorted(glob.glob(os.path.join(folder, "samples_*.png")))
     return Run(os.path.basename(os.path.normpath(folder)), load_checkpoint(ckpt_path)["config"],
                metrics, probes, grids[-1] if grids else None)
@@ -242,7 +244,9 @@ def group_into_arms(runs: list) -> list:
     its LayerSync weight (and, where two arms share it, by the settings that tell them apart)."""
     groups = {}
     for run in runs:
-        key = json.dumps({k: v for k, v in run.config.items() if k != "seed"}, sort_keys=True)
+        # "flags" repeats the config, with the seed and the output cadence: not part of the arm
+        key = json.dumps({k: v for k, v in run.config.items() if k not in ("seed", "flags")},
+                         sort_keys=True)
         groups.setdefault(key, []).append(run)
     kinds = []
     for members in groups.values():
@@ -254,8 +258,8 @@ def group_into_arms(runs: list) -> list:
         if kinds.count(kind) > 1:  # name what differs from the other arms of the same kind
             others = [m[0].config for k, m in zip(kinds, groups.values()) if k == kind]
             config = members[0].config
-            differ = [k for k in sorted(config)
-                      if k != "seed" and any(other.get(k) != config[k] for other in others)]
+            differ = [k for k in sorted(config) if k not in ("seed", "flags")
+                      and any(other.get(k) != config[k] for other in others)]
             label += ", " + ", ".join(f"{k} {config[k]}" for k in differ)
         pairs = members[0].config.get("layersync_pairs") or [[None, None]]
         arms.append(Arm(label, members, *pairs[0]))
@@ -278,7 +282,7 @@ def last_probe(run: Run):
 
 def per_block(arm: Arm, table: str, t: float) -> list:
     """[{block: value}, one per seed with a probe], at each seed's last probed step; table:
-    "accuracy" (in %) or "teacher_cosine"."""
+    "accuracy" (in %), "teacher_cosine" or "relative_update"."""
     scale = 100 if table == "accuracy" else 1
     seeds = [getattr(last_probe(run), table).get(t, {}) for run in arm.runs if run.probes]
     return [{k: scale * value for k, value in seed.items()} for seed in seeds if seed]
@@ -304,7 +308,9 @@ def compare_table(arms: list) -> str:
     ts = sorted({t for run in probed for t in last_probe(run).accuracy}, reverse=True)
     cell = max(22, *(len(arm.label) for arm in arms))
     for table, title, digits in (("accuracy", "probe accuracy (%)", 1),
-                                 ("teacher_cosine", "cosine to the teacher block", 3)):
+                                 ("teacher_cosine", "cosine to the teacher block", 3),
+                                 ("relative_update", "relative update ||h_k - h_(k-1)|| / "
+                                  "||h_(k-1)||", 3)):
         for t in ts:
             columns = [per_block(arm, table, t) for arm in arms]
             depth = max((max(seed) for seeds in columns for seed in seeds), default=0)
@@ -321,8 +327,8 @@ def compare_table(arms: list) -> str:
                     cells.append(f"{spread(values, digits)}{mark}".rjust(cell))
                 lines.append(f"{k:>6} " + " ".join(cells))
     lines.append("(s = LayerSync student block, t = teacher block; where the blocks between the "
-                 "student and the teacher all sit near cosine 1, the regulariser is collapsing "
-                 "them)")
+                 "student and the teacher all sit near cosine 1 and their relative updates fall, "
+                 "the regulariser is collapsing them)")
     if any(len(arm.runs) == 1 for arm in arms):
         lines.append("note: an arm with one seed: differences between seeds of the same config can "
                      "be as large as the effect; train each arm with 2 or more --seed values")
@@ -339,8 +345,9 @@ def over_seeds(curves: list) -> tuple:
 
 def compare_figure(arms: list, path: str):
     """Five panels, each the mean over an arm's seeds with a min..max band: (a) losses, (b) the
-    probe of every block, (c) every block's cosine to the teacher, (d) the student block over
-    training, (e) each arm's last sample grid. Colour = arm, line style = what or which t."""
+    probe of every block, (c) the student block over training, (d) every block's cosine to the
+    teacher, (e) every block's relative update, (f) each arm's last sample grid. Colour = arm,
+    line style = what or which t."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -351,10 +358,10 @@ def compare_figure(arms: list, path: str):
     styles = ["-", "--", ":", "-."]
     ts = sorted({t for arm in arms for run in arm.runs for probe in run.probes.values()
                  for t in probe.accuracy}, reverse=True)
-    fig = plt.figure(figsize=(14, 15), layout="constrained")
-    grid = fig.add_gridspec(3, 2, height_ratios=[1, 1, 0.8])
-    ax_loss, ax_block = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
-    ax_cosine, ax_student = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
+    fig = plt.figure(figsize=(20, 11), layout="constrained")
+    grid = fig.add_gridspec(2, 3)
+    ax_loss, ax_block, ax_student = (fig.add_subplot(grid[0, i]) for i in range(3))
+    ax_cosine, ax_update = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
     ax_sync = ax_loss.twinx()
 
     def band(ax, curve, colour, style="-", marker=None):
@@ -370,7 +377,8 @@ def compare_figure(arms: list, path: str):
             band(ax, over_seeds(curves), colour, style)
         for j, t in enumerate(ts):
             style = styles[j % 4]
-            for ax, table in ((ax_block, "accuracy"), (ax_cosine, "teacher_cosine")):
+            for ax, table in ((ax_block, "accuracy"), (ax_cosine, "teacher_cosine"),
+                              (ax_update, "relative_update")):
                 seeds = per_block(arm, table, t)
                 if not seeds:
                     continue
@@ -404,22 +412,25 @@ def compare_figure(arms: list, path: str):
         ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":")
         ax.set_ylabel("probe top-1 accuracy (%), dotted: chance")
     ax_block.set(title="(b) linear probe of every block, at the last probed step", xlabel="block")
-    ax_cosine.set(title="(c) each block's mean per-token cosine to the teacher block:\n"
+    ax_cosine.set(title="(d) each block's mean per-token cosine to the teacher block:\n"
                         "all blocks between student and teacher near 1 = collapse",
                   xlabel="block", ylabel="cosine to the teacher block")
-    for ax in (ax_block, ax_cosine):
+    ax_update.set(title="(e) each block's relative update ||h_k - h_(k-1)|| / ||h_(k-1)||:\n"
+                        "how much the block writes to the residual stream (h_0: input tokens)",
+                  xlabel="block", ylabel="relative update, mean over tokens")
+    for ax in (ax_block, ax_cosine, ax_update):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(handles=arm_keys + t_keys + markers, fontsize=9)
-    ax_student.set(title="(d) the student block's probe accuracy over training", xlabel="step")
+    ax_student.set(title="(c) the student block's probe accuracy over training", xlabel="step")
     ax_student.legend(handles=arm_keys + t_keys, fontsize=9)
-    pictures = grid[2, :].subgridspec(1, len(arms))
+    pictures = grid[1, 2].subgridspec(1, len(arms))
     for i, arm in enumerate(arms):
         ax = fig.add_subplot(pictures[0, i])
         ax.axis("off")
         run = arm.runs[0]
         if run.grid:
             ax.imshow(Image.open(run.grid), interpolation="nearest")
-            ax.set_title(f"(e) {arm.label}: {run.name}, {os.path.basename(run.grid)}", fontsize=9)
+            ax.set_title(f"(f) {arm.label}:\n{run.name}, {os.path.basename(run.grid)}", fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -455,19 +466,22 @@ def main(argv=None):
         fail(f"--cfg-scale {args.cfg_scale}: this model was trained without label dropout, so it "
              f"has no null class to guide with; use --cfg-scale 1")
     reference = prepare_fid(config["model"], args.data_dir) if args.fid else None
+    rows = num_classes if args.class_label is None else 1  # one row per class
+    n = args.n or 8 * rows
+    if args.grid and n % rows:
+        fail(f"--n {n} with --grid: the grid has one row per class, so give a multiple of the "
+             f"{num_classes} classes, e.g. --n {8 * num_classes}")
     if args.class_label is None:
-        labels = torch.arange(args.n) % num_classes
+        labels = torch.arange(n) % num_classes
     else:
-        labels = torch.full((args.n,), args.class_label)
+        labels = torch.full((n,), args.class_label)
     images = generate(args, loaded, labels)
     weights = "raw" if args.no_ema else "EMA"
     print(f"{len(images)} images from step {step} ({weights} weights), "
           f"{args.method} {args.steps} steps, cfg {args.cfg_scale}")
-    if args.grid:
-        from torchvision.utils import save_image
-        columns = num_classes if args.class_label is None else 8
-        nrow = min(columns, len(images))
-        save_image(images.permute(0, 3, 1, 2).float() / 255, args.grid, nrow=nrow)
+    if args.grid:  # one row per class: labels sorted, each class's images in drawing order
+        by_class = labels.argsort(stable=True)
+        save_grid(images[by_class].permute(0, 3, 1, 2), args.grid, columns=n // rows)
         print(f"grid: {args.grid}")
     if args.npz:
         np.savez(args.npz, arr_0=images.numpy(), arr_1=labels.numpy())

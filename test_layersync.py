@@ -82,7 +82,9 @@ MU, S = 1.5, 0.5
 
 
 def gaussian_velocity(x, t):
-    """PAPER.md Sec. 5: exact marginal velocity for data N(mu, s^2 I)."""
+    """Exact marginal velocity of the linear interpolant for data N(mu, s^2 I): with
+    S_t = t^2 s^2 + (1 - t)^2, v = mu + (t s^2 - (1 - t)) / S_t (x - t mu); its flow maps noise z
+    to mu + s z (mu != 0 keeps the field asymmetric in time, so Heun shows its true order)."""
     t = t.view(-1, *([1] * (x.dim() - 1)))
     s_t = t ** 2 * S ** 2 + (1 - t) ** 2
     return MU + (t * S ** 2 - (1 - t)) / s_t * (x - t * MU)
@@ -468,12 +470,17 @@ def test_return_layers_contract():
     # and block k+1 applied to h_k gives h_{k+1}
     _, (h2,) = model(x, t, y, return_layers=(2,))
     assert torch.allclose(model.blocks[2](h2, c), h3)
-    for bad in [(0,), (5,)]:
+    # block 0 is the embedded input tokens, what block 1 reads
+    _, (h0,) = model(x, t, y, return_layers=(0,))
+    assert torch.equal(h0, model.x_embedder(x).flatten(2).transpose(1, 2) + model.pos_embed)
+    assert torch.allclose(model.blocks[0](h0, c), h1)
+    for bad in [(-1,), (5,)]:
         with pytest.raises(ValueError, match="numbered 1..4"):
             model(x, t, y, return_layers=bad)
 
 
-# PAPER.md Sec. 4: the official SiT's trainable parameter counts (learn_sigma off)
+# the trainable parameter counts of the official SiT code (willisma/SiT models.py) with
+# learn_sigma off (its default, learn_sigma=True, adds the 2C-channel head), position table excluded
 CIFAR_COUNTS = {"SiT-S/2": 32_475_660, "SiT-B/2": 129_537_036,
                 "SiT-L/2": 456_802_316, "SiT-XL/2": 673_666_572}
 
@@ -705,6 +712,36 @@ def test_tiny_sit_learns_class_colours(trained_colour_model):
     assert pixels.std(dim=(1, 3)).max() < 0.3  # the noise was turned into images, not kept
 
 
+def test_readme_quick_start_runs_as_printed_at_a_smaller_scale(tmp_path):
+    """The README's quick start, its commands as printed with a tiny model and 4 steps."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    block = readme.split("## Quick start")[1].split("```bash\n")[1].split("```")[0]
+    smaller = {"--image-size 16": "--image-size 8", "--depth 8": "--depth 3",
+               "--hidden-size 64": "--hidden-size 16", "--num-heads 4": "--num-heads 2",
+               "--batch-size 32": "--batch-size 8", "--steps 600": "--steps 4",
+               "--log-every 20": "--log-every 2", "--sample-every 300": "--sample-every 2",
+               "--sample-steps 20": "--sample-steps 2"}
+    for big, small in smaller.items():
+        assert big in block, big
+        block = block.replace(big, small)
+    commands = [line for line in block.splitlines() if not line.startswith(("python3 -m", "pip "))]
+    for name in ("layersync.py", "train_cifar.py", "sample.py"):
+        os.symlink(os.path.join(HERE, name), tmp_path / name)
+    (tmp_path / "bin").mkdir()  # `python` is this interpreter
+    (tmp_path / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (tmp_path / "bin" / "python").chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+               OMP_NUM_THREADS="1")
+    result = subprocess.run(["bash", "-e", "-c", "\n".join(commands)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(tmp_path / "quick.png").size[0] > 1000
+    for run in ("quick-baseline", "quick-layersync"):
+        rows = list(csv.DictReader(open(tmp_path / "runs" / run / "probe.csv")))
+        assert len(rows) == 2 * 2 * 3 and all(float(r["relative_update"]) >= 0 for r in rows)
+    assert "arms (runs whose configs differ only in --seed)" in result.stdout
+
+
 def test_readme_paper_to_code_map_points_at_the_right_lines():
     source = open(os.path.join(HERE, "layersync.py")).read().splitlines()
     rows = re.findall(r"^\| .* \| `([A-Za-z_.]+)[^|]*, lines (\d+)-(\d+) \|$",
@@ -851,6 +888,40 @@ def test_a_checkpoint_from_before_the_redesign_trains_on_like_a_straight_run(ima
         assert wrong["moments"] > 30 * MOMENTS_TOLERANCE, (name, wrong)
 
 
+def test_resume_from_the_checkpoint_alone(image_folder, tmp_path, capsys):
+    """`--out DIR --resume` continues a run with the flags it was started with: 3 steps, then
+    --steps 6 and nothing else, equal 6 straight steps (with the default --lr and flips instead,
+    they would not). A flag given again changes a setting and is listed."""
+    flags = ["--data", image_folder, *TINY, "--lr", "3e-3", "--no-hflip", "--log-every", "3",
+             "--sample-every", "100", "--ckpt-every", "100", "--probe-every", "0"]
+    train_cifar.main([*flags, "--out", str(tmp_path / "straight"), "--steps", "6"])
+    train_cifar.main([*flags, "--out", str(tmp_path / "resumed"), "--steps", "3"])
+    resumed = ["--out", str(tmp_path / "resumed"), "--resume"]
+    train_cifar.main([*resumed, "--steps", "6"])
+    a, b = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
+    assert_same_training_state(a, b)
+    assert b["config"]["flags"]["lr"] == 3e-3 and b["config"]["flags"]["steps"] == 6
+    capsys.readouterr()
+    train_cifar.main(resumed)
+    assert "at step 6 >= --steps 6: nothing to do" in capsys.readouterr().out
+    train_cifar.main([*resumed, "--steps", "8", "--lr", "1e-3"])
+    printed = capsys.readouterr()
+    assert "resuming with changed settings: lr 0.003 -> 0.001" in printed.out
+    # the bar spells out Eq. 3: fm + lambda x layersync = loss
+    assert re.search(r"fm \d\.\d{4} \+ 0\.2 x layersync -?\d\.\d{3} = -?\d\.\d{4}", printed.err)
+    assert checkpoint(tmp_path / "resumed")["config"]["lr"] == 1e-3
+
+
+def test_sklearn_digits_are_built_in(tmp_path, monkeypatch):
+    images, labels, classes = train_cifar.load_data("sklearn-digits", None, 16)
+    assert images.shape == (1797, 3, 16, 16) and images.dtype == torch.uint8
+    assert classes == [str(d) for d in range(10)] and labels.unique().tolist() == list(range(10))
+    assert torch.equal(images[:, 0], images[:, 2]) and images.max() == 255
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if not installed
+    message = run_error(["--data", "sklearn-digits", "--out", str(tmp_path / "x"), *TINY])
+    assert "pip install scikit-learn" in message and not (tmp_path / "x").exists()
+
+
 def test_trains_on_cifar10_format(tmp_path, monkeypatch):
     write_fake_cifar10(tmp_path / "data")
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a,
@@ -978,8 +1049,10 @@ def test_bench_times_baseline_and_layersync(capsys):
                           "probe_per_image"} and all(t > 0 for t in times.values())
     printed = capsys.readouterr().out
     assert "img/s" in printed and "LayerSync / baseline step time" in printed
-    share = 100 * 20_000 * times["probe_per_image"] / (500 * times["layersync"])  # cost arithmetic
-    assert f"every 500 steps of batch 8 would add {share:.2f}% to the training time" in printed
+    # cost arithmetic: 8x8 images are no CIFAR-10, so the cost is given per 10,000 probed images
+    share = 100 * 10_000 * times["probe_per_image"] / (500 * times["layersync"])
+    assert (f"10,000 probed images every 500 steps of batch 8 would add {share:.2f}% to the "
+            f"training time") in printed
 
 
 # ================================================================ 3. refusals: one line, no work
@@ -1009,6 +1082,15 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
     assert "one sub-folder per class" in run_error(["--data", str(tmp_path / "empty"), *args])
     (tmp_path / "empty" / "class0" / "broken.png").write_bytes(b"not a png")
     assert "broken.png" in run_error(["--data", str(tmp_path / "empty"), *args])
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "0.png")  # images, but no class folders
+    message = run_error(["--data", str(tmp_path / "flat"), *args])
+    assert "class folder in" in message and ".;" not in message, message
+    # a batch larger than the dataset: refused after reading it, before --out is made
+    message = run_error(["--data", image_folder_with(tmp_path, {"a.png": Image.new("RGB", (8, 8))}),
+                         *args, "--batch-size", "64"])
+    assert "the dataset has" in message and "fewer than --batch-size 64" in message
+    assert not (tmp_path / "x").exists()
 
     def offline(*_, **__):
         raise OSError("no internet")
@@ -1022,7 +1104,7 @@ def test_resume_refuses_another_configuration(image_folder, tmp_path):
     out = tmp_path / "run"
     train(image_folder, out, "--steps", "2")
     message = run_error(["--data", image_folder, "--out", str(out), *TINY, "--depth", "2",
-                         "--resume"])
+                         "--resume", "--steps", "4"])
     assert "another configuration" in message and "depth: 3 in the checkpoint, 2 now" in message
     assert "--resume" in run_error(["--data", image_folder, "--out", str(out),
                                     *TINY])  # no silent overwrite
@@ -1039,15 +1121,16 @@ def test_resume_refuses_another_configuration(image_folder, tmp_path):
                                                                       "[1, inf)"),
     ("--sample-every", "-3", "[1, inf)"), ("--ckpt-every", "0", "[1, inf)"), ("--sample-steps",
                                                                               "0", "[1, inf)"),
-    ("--depth", "0", "[1, inf)"), ("--patch-size", "3", "divisible by patch_size 3"),
-    ("--num-heads", "5", "by num_heads 5"), ("--hidden-size", "30", "and 4"),
+    ("--depth", "0", "[1, inf)"), ("--patch-size", "3", "input_size 8 must be divisible by 3"),
+    ("--num-heads", "5", "hidden_size 32 must be divisible by 5"),
+    ("--hidden-size", "30", "hidden_size 30 must be divisible by 4"),
     ("--device", "mps", "use cpu, cuda"), ("--device", "gpu0", "use cpu, cuda")])
 def test_bad_flag_is_one_line_before_any_work(image_folder, tmp_path, no_work, flag, value,
                                               message):
     error = run_error(["--data", image_folder, "--out", str(tmp_path / "x"), *TINY, flag, value])
     assert error.startswith("error: ") and "\n" not in error
     named = flag in error or flag == "--hidden-size" or "model" in error
-    assert named and message in error, error
+    assert named and message in error and error.count("divisible") <= 1, error  # what failed
     assert not (tmp_path / "x").exists()
 
 
@@ -1218,15 +1301,19 @@ def test_probe_reads_a_linear_label_and_not_noise():
 def test_probe_sees_the_null_label_only():
     model = tiny_sit(depth=3).eval()
     images = torch.rand(5, 3, 8, 8) * 2 - 1
-    features, cosine = L.block_features(model, images, 0.5, teacher=3)
-    assert features.shape == (3, 5, 32) and cosine.shape == (3,)
+    features, cosine, update = L.block_features(model, images, 0.5, teacher=3)
+    assert features.shape == (3, 5, 32) and cosine.shape == update.shape == (3,)
     assert cosine[2].item() == pytest.approx(1.0, abs=1e-5)  # the teacher against itself
     # rebuild x_t by hand: the probe's features are the model's on the null class (5) ...
     x0 = torch.randn(images.shape, generator=torch.Generator().manual_seed(1234))  # default seed
     xt = 0.5 * images + 0.5 * x0
     t = torch.full((5,), 0.5)
-    _, hidden = model(xt, t, torch.full((5,), 5), return_layers=(1, 2, 3))
-    assert torch.allclose(features, torch.stack([h.mean(1) for h in hidden]), atol=1e-5)
+    _, hidden = model(xt, t, torch.full((5,), 5), return_layers=(0, 1, 2, 3))
+    assert torch.allclose(features, torch.stack([h.mean(1) for h in hidden[1:]]), atol=1e-5)
+    by_hand = [((h - h_in).norm(dim=-1) / h_in.norm(dim=-1)).mean()  # h_0: the input tokens
+               for h_in, h in zip(hidden, hidden[1:])]
+    assert torch.allclose(update, torch.stack(by_hand), atol=1e-5)
+    hidden = hidden[1:]
     # ... whatever the true labels are, which do change the blocks' features
     _, labelled = model(xt, t, torch.arange(5), return_layers=(1, 2, 3))
     assert not torch.allclose(features, torch.stack([h.mean(1) for h in labelled]), atol=1e-3)
@@ -1301,11 +1388,20 @@ def test_sample_writes_grid_and_adm_npz(image_folder, tmp_path):
     ckpt = str(tmp_path / "run" / "last.pt")
     npz, grid = str(tmp_path / "s.npz"), str(tmp_path / "g.png")
     sample_script.main(["--ckpt", ckpt, "--n", "7", "--steps", "2", "--batch-size", "4",
-                        "--npz", npz, "--grid", grid, "--device", "cpu"])
+                        "--npz", npz, "--device", "cpu"])
     data = np.load(npz)
     assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (7, 8, 8, 3)
     assert data["arr_1"].tolist() == [0, 1, 2, 0, 1, 2, 0]
-    assert Image.open(grid).size == (3 * 8 + 4 * 2, 3 * 8 + 4 * 2)
+    # the grid: one row per class, as in training; by default 8 images per class
+    sample_script.main(["--ckpt", ckpt, "--steps", "2", "--grid", grid, "--npz", npz,
+                        "--device", "cpu"])
+    assert Image.open(grid).size == (8 * 8 + 9 * 2, 3 * 8 + 4 * 2)
+    pixels, labels = np.asarray(Image.open(grid)), np.load(npz)["arr_1"]
+    first_row = [pixels[2:10, 2 + 10 * i:10 + 10 * i] for i in range(8)]
+    by_class = np.load(npz)["arr_0"][labels == 0]  # class 0's images, in drawing order
+    assert all(np.array_equal(cell, image) for cell, image in zip(first_row, by_class))
+    assert "a multiple of the 3 classes" in run_error(["--ckpt", ckpt, "--n", "7", "--grid", grid],
+                                                      sample_script.main)
     # the same seed gives the same images whatever the batch size; --class-label fixes the class
     sample_script.main(["--ckpt", ckpt, "--n", "7", "--steps", "2", "--batch-size", "7", "--npz",
                         npz,
@@ -1370,6 +1466,14 @@ def test_compare_groups_seeds_into_arms_with_their_spread(image_folder, tmp_path
     section = table.split("probe accuracy (%) per block, t=1,")[1].splitlines()
     row = next(line for line in section[2:] if line.split()[0] == "3")
     assert row.split()[1:3] == [f"{sum(acc) / 2:.1f}", f"({min(acc):.1f}..{max(acc):.1f})"]
+    # and block 2's relative update at t = 0.5, the measure of collapse beside the cosine
+    update = [float(next(r["relative_update"] for r in csv.DictReader(open(tmp_path / n /
+                                                                            "probe.csv"))
+                         if r["t"] == "0.5" and r["block"] == "2")) for n in ("b0", "b1")]
+    section = table.split("relative update ||h_k - h_(k-1)|| / ||h_(k-1)|| per block, t=0.5,")[1]
+    row = next(line for line in section.splitlines()[2:] if line.split()[0] == "2")
+    spread = f"{sum(update) / 2:.3f} ({min(update):.3f}..{max(update):.3f})"
+    assert max(update) > 0 and " ".join(row.split()[1:3]).rstrip("st") == spread
     assert "note: an arm with one seed" in table  # the lr arm
     without_lr = sample_script.compare_table(arms[:2])
     assert "note:" not in without_lr and "2 seed(s)" in without_lr

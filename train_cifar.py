@@ -105,7 +105,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", default="cifar10",
-                   help="'cifar10' or a folder with one sub-folder per class")
+                   help="'cifar10', 'sklearn-digits' (offline: scikit-learn's 1,797 digits) or a "
+                        "folder with one sub-folder per class")
     d.add_argument("--data-dir", default="./data", help="where CIFAR-10 is (or is downloaded to)")
     d.add_argument("--image-size", type=count("--image-size"), default=32,
                    help="image folders are resized and centre-cropped to it")
@@ -165,11 +166,35 @@ def parse_args(argv=None):
         p.print_usage = p.print_help = lambda *_, **__: None
         p.exit = lambda status=0, message=None: sys.exit(status)
     args = p.parse_args(argv)
+    if args.resume:
+        flags_from_checkpoint(p, argv, args)
     args.probe_every = args.sample_every if args.probe_every is None else args.probe_every
     args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
     args.compile = args.device.type == "cuda" and not args.no_compile
     check_args(args)
     return args
+
+
+# what defines a run; its checkpoint keeps them, so that `--out DIR --resume` alone continues it
+RUN_FLAGS = ("data", "data_dir", "image_size", "hflip", "model", "depth", "hidden_size",
+             "num_heads", "patch_size", "layersync_weight", "layersync_pairs", "steps",
+             "batch_size", "lr", "weight_decay", "grad_clip", "ema_decay", "seed", "precision",
+             "log_every", "sample_every", "sample_steps", "ckpt_every", "probe_every", "probe_t")
+
+
+def flags_from_checkpoint(parser, argv, args):
+    """--resume: every run flag not given on this command line is the checkpoint's. A given one
+    stays: it changes a setting, or is refused later if it contradicts the model or the data."""
+    path = os.path.join(args.out, "last.pt")
+    if not os.path.exists(path):
+        return  # prepare() says so
+    stored = load_checkpoint(path)["config"].get("flags", {})  # none before they were stored
+    for action in parser._actions:  # parse again, keeping only what the command line gave
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    for name, value in stored.items():
+        if name not in given:
+            setattr(args, name, value)
 
 
 def check_args(args):
@@ -310,18 +335,39 @@ def load_image_folder(path: str, size: int):
     try:  # an empty folder or one without class sub-folders
         data = ImageFolder(path, transform=resize, loader=read_image)
     except (OSError, ValueError) as error:
-        fail(f"--data {path}: {error}; it needs one sub-folder per class with images in it")
+        fail(f"--data {path}: {str(error).rstrip('.')}; it needs one sub-folder per class with "
+             f"images in it")
     decoded = tqdm(data, desc="decoding images", leave=False, disable=not master_process)
     images = torch.stack([image for image, _ in decoded])
     return images, torch.tensor(data.targets), data.classes
 
 
+def load_digits(size: int):
+    """scikit-learn's 1,797 handwritten 8x8 digits (UCI; shipped with the package, so offline),
+    grey levels 0..16 scaled to 0..255, resized to `size`, as RGB."""
+    try:
+        from sklearn.datasets import load_digits as digits_of_sklearn
+    except ImportError:
+        fail("--data sklearn-digits needs the optional extra scikit-learn: "
+             "pip install scikit-learn")
+    digits = digits_of_sklearn()
+    grey = torch.from_numpy(digits.images).float()[:, None] * (255 / 16)  # (N, 1, 8, 8)
+    grey = torch.nn.functional.interpolate(grey, size=(size, size), mode="bilinear")
+    images = grey.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return images, torch.from_numpy(digits.target), [str(d) for d in range(10)]
+
+
+BUILT_IN_DATA = ("cifar10", "sklearn-digits")
+
+
 def load_data(data: str, data_dir: str, image_size: int):
-    """(uint8 images (N, 3, H, W), labels, class names) of 'cifar10' or an image folder."""
+    """(uint8 images (N, 3, H, W), labels, class names) of a built-in dataset or an image folder."""
     if data == "cifar10":
         if image_size != 32:
             fail("CIFAR-10 images are 32x32: drop --image-size or set it to 32")
         return load_cifar10(data_dir)
+    if data == "sklearn-digits":
+        return load_digits(image_size)
     return load_image_folder(data, image_size)
 
 
@@ -335,8 +381,6 @@ class DeviceBatches:
     """
 
     def __init__(self, images, labels, batch_size: int, seed: int, device, hflip: bool = True):
-        if len(images) < batch_size:
-            fail(f"the dataset has {len(images)} images, fewer than --batch-size {batch_size}")
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.device, self.hflip = batch_size, device, hflip
         self.generator = torch.Generator().manual_seed(seed)
@@ -543,8 +587,11 @@ def train(args):
                 images_per_s = args.batch_size * (step - last_log_step) / (now - last_log_time)
                 row = dict(zip(METRICS_FIELDS, [step, *mean, images_per_s, now - start]))
                 metrics.write([row])
-                bar.set_postfix(loss=f"{mean[0]:.4f}", fm=f"{mean[1]:.4f}", sync=f"{mean[2]:.3f}",
-                                img_s=f"{images_per_s:.0f}")
+                # Eq. 3 spelled out: the total is fm + lambda * (-cosine), so it can go below 0
+                lam = args.layersync_weight
+                fm, sync = f"fm {mean[1]:.4f}", f"layersync {mean[2]:.3f}"
+                terms = f"{fm} + {lam:g} x {sync} = {mean[0]:.4f}" if lam else f"{fm}, {sync}"
+                bar.set_postfix_str(f"{terms}, {images_per_s:.0f} img/s")
                 totals.zero_()
                 last_log_step, last_log_time = step, now
             pause = time.perf_counter()
@@ -597,13 +644,17 @@ def prepare(args, pairs):
     elif os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     images, labels, classes = load_data(args.data, args.data_dir, args.image_size)
+    if len(images) < args.batch_size:  # before --out is made
+        fail(f"the dataset has {len(images)} images, fewer than --batch-size {args.batch_size}")
     probe = probe_split(args.data, args.data_dir, images, labels) if args.probe_every else None
     config = {"model": model_config(args, len(classes)), "data": data_identity(args.data),
               "classes": list(classes), "hflip": args.hflip,
               "layersync_pairs": [list(p) for p in pairs],
               "layersync_weight": args.layersync_weight, "batch_size": args.batch_size,
               "lr": args.lr, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
-              "ema_decay": args.ema_decay, "seed": args.seed, "precision": args.precision}
+              "ema_decay": args.ema_decay, "seed": args.seed, "precision": args.precision,
+              "flags": {name: getattr(args, name) for name in RUN_FLAGS}}
+    config["flags"].update(data=data_identity(args.data), data_dir=os.path.abspath(args.data_dir))
     if checkpoint is not None:  # before building anything: a mismatch costs no time
         checkpoint["config"]["data"] = data_identity(checkpoint["config"]["data"])
         check_resume_config(checkpoint["config"], config, ckpt_path)
@@ -614,8 +665,8 @@ def prepare(args, pairs):
 
 
 def data_identity(data: str) -> str:
-    """'cifar10', or the folder's resolved path: ./imgs and /home/me/imgs are the same data."""
-    return data if data == "cifar10" else os.path.realpath(data)
+    """A built-in name, or the folder's resolved path: ./imgs and /home/me/imgs are one folder."""
+    return data if data in BUILT_IN_DATA else os.path.realpath(data)
 
 
 def describe_run(args, run, model, pairs: list) -> str:
@@ -707,7 +758,8 @@ def check_resume_config(old: dict, new: dict, path: str):
             diff.append(f"classes: {old.get('classes')} in the checkpoint, {new['classes']} now")
         fail(f"{path} belongs to another configuration ({'; '.join(diff)}); "
              f"resume with the same model and data flags, or start a new run in another --out")
-    changed = [f"{k} {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k]]
+    changed = [f"{k} {old[k]} -> {new[k]}" for k in new
+               if k in old and old[k] != new[k] and k != "flags"]
     if changed:
         say("resuming with changed settings: " + ", ".join(changed))
 
@@ -878,7 +930,7 @@ class StopSignals:
 # ------------------------------------------------------------------ CSV logs that survive a resume
 
 METRICS_FIELDS = ["step", "loss", "fm", "layersync", "grad_norm", "img_per_s", "elapsed_s"]
-PROBE_FIELDS = ["step", "t", "block", "accuracy", "teacher_cosine"]
+PROBE_FIELDS = ["step", "t", "block", "accuracy", "teacher_cosine", "relative_update"]
 
 
 class CsvLog:
@@ -911,7 +963,8 @@ class CsvLog:
 def probe_rows(step: int, probe) -> list:
     """layersync.BlockProbe -> probe.csv rows (teacher_cosine is empty without a teacher)."""
     return [{"step": step, "t": t, "block": k, "accuracy": accuracy,
-             "teacher_cosine": probe.teacher_cosine.get(t, {}).get(k, "")}
+             "teacher_cosine": probe.teacher_cosine.get(t, {}).get(k, ""),
+             "relative_update": probe.relative_update[t][k]}
             for t, blocks in probe.accuracy.items() for k, accuracy in blocks.items()]
 
 
@@ -931,9 +984,9 @@ def read_csv_rows(path: str, fields: list, resume_step: int, key: list) -> list:
         for row in csv.DictReader(f):
             try:
                 step = int(row["step"])
-                for name in fields:
-                    if row[name] != "":
-                        float(row[name])
+                for name in fields:  # a column that an older version did not write is empty
+                    if row.setdefault(name, "") != "":
+                        float(row[name])  # None (a row cut short) or text: unreadable
             except (TypeError, ValueError, KeyError):
                 dropped += 1
                 continue
@@ -1039,10 +1092,13 @@ def bench(args):
             f"{100 * alone / times['layersync']:.1f}%")
     if args.probe_every and master_process:  # in training, too, rank 0 alone probes
         times["probe_per_image"] = bench_probe(args, config, pairs)
-        probe_images = 2 * PROBE_FIT_IMAGES  # CIFAR-10: 10,000 fitted + the 10,000-image test split
+        # CIFAR-10: 10,000 fitted + the 10,000-image test split; a folder: 4/5 (<= 10,000) + 1/5
+        cifar = args.data == "cifar10" and args.image_size == 32
+        probe_images = 2 * PROBE_FIT_IMAGES if cifar else PROBE_FIT_IMAGES
+        which = "a CIFAR-10 probe (20,000 images)" if cifar else "10,000 probed images"
         cost = probe_images * times["probe_per_image"] / (args.probe_every * times["layersync"])
         say(f"probe: {1e3 * times['probe_per_image']:.3f} ms per image (all {len(args.probe_t)} "
-            f"noise levels, ridge fits included); a CIFAR-10 probe ({probe_images:,} images) every "
+            f"noise levels, ridge fits included); {which} every "
             f"{args.probe_every:,} steps of batch {args.batch_size} would add {100 * cost:.2f}% to "
             f"the training time")
     return times
