@@ -7,7 +7,7 @@ No external encoder, no projection head, no extra parameters, no extra forward.
 
 Read top to bottom:
   1. the LayerSync loss (Eq. 2)                       -> layersync_loss, record_blocks
-  2. the SiT it regularises (SiT, Ma et al. 2024)     -> SiT, SiT_models
+  2. the SiT it regularises (SiT, Ma et al. 2024)     -> SiT, SiT_models, sit_from_official
   3. the flow-matching objective + LayerSync (Eq. 1, 3, Sec. 3.4)
                                                       -> training_loss, default_layersync_pair
   4. ODE samplers and classifier-free guidance        -> sample, guided_velocity
@@ -289,6 +289,56 @@ SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (
 SiT_models = {f"SiT-{size}/{patch}": partial(SiT, depth=d, hidden_size=h, num_heads=n,
                                               patch_size=patch)
               for size, (d, h, n) in SIT_SIZES.items() for patch in (2, 4, 8)}
+
+
+# The official SiT code (willisma/SiT models.py), which LayerSync's code (vita-epfl/LayerSync) saves
+# too, names a few parameters otherwise; everything else is named as here.
+OFFICIAL_NAMES = {"x_embedder.proj.": "x_embedder.",  # timm's PatchEmbed wraps the Conv2d
+                  "y_embedder.embedding_table.": "y_embedder.table.",
+                  ".mlp.fc1.": ".mlp.0.", ".mlp.fc2.": ".mlp.2."}  # timm's Mlp: fc1, GELU, fc2
+
+
+def sit_from_official(state_dict: dict, num_heads=None) -> "SiT":
+    """This file's SiT holding an official SiT or LayerSync state dict (e.g. SiT-XL-2-256x256.pt).
+
+    The shape comes from the tensors; the heads do not, so they are the preset's for that depth
+    and width, or `num_heads`. The label table's last row is taken as the null class (official
+    default, class_dropout_prob 0.1). The stored position table must equal sincos_2d and is
+    dropped. The official head predicts 2C channels (learn_sigma); only the velocity's C are kept.
+    """
+    if "x_embedder.proj.weight" not in state_dict or "pos_embed" not in state_dict:
+        raise ValueError("sit_from_official: not an official SiT state dict (it has no "
+                         "x_embedder.proj.weight and pos_embed)")
+    hidden, channels, patch, _ = state_dict["x_embedder.proj.weight"].shape  # (D, C, p, p)
+    depth = 1 + max(int(name.split(".")[1]) for name in state_dict if name.startswith("blocks."))
+    presets = {(d, h): n for d, h, n in SIT_SIZES.values()}
+    if (num_heads or presets.get((depth, hidden))) is None:  # a wrong guess: wrong outputs
+        raise ValueError(f"sit_from_official: depth {depth}, width {hidden} is no SiT preset, "
+                         f"and the weights do not say the number of heads: pass num_heads=")
+    model = SiT(input_size=round(state_dict["pos_embed"].shape[1] ** 0.5) * patch,
+                patch_size=patch, in_channels=channels, hidden_size=hidden, depth=depth,
+                num_heads=num_heads or presets[(depth, hidden)],
+                mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+                num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1)
+    if not torch.allclose(state_dict["pos_embed"].float(), model.pos_embed, atol=1e-5):
+        raise ValueError("sit_from_official: the stored pos_embed is not the fixed 2D sin-cos "
+                         "table this SiT uses; these weights belong to another model")
+    renamed = {}
+    for name, tensor in state_dict.items():
+        for official, ours in OFFICIAL_NAMES.items():
+            name = name.replace(official, ours)
+        renamed[name] = tensor
+    del renamed["pos_embed"]
+    head = renamed["final_layer.linear.weight"]
+    if head.shape[0] == patch * patch * 2 * channels:  # learn_sigma: rows ordered (p, q, 2C)
+        velocity_rows = torch.arange(head.shape[0]) % (2 * channels) < channels
+        for key in ("final_layer.linear.weight", "final_layer.linear.bias"):
+            renamed[key] = renamed[key][velocity_rows]
+    try:
+        model.load_state_dict(renamed)
+    except RuntimeError as error:  # torch names each missing, unexpected or misshapen weight
+        raise ValueError(f"sit_from_official: {' '.join(str(error).split())}") from None
+    return model
 
 
 # ---------------------------------------------------------------------------

@@ -1,13 +1,16 @@
-"""Sample from a train_cifar.py checkpoint (PNG grid, ADM-format .npz, FID), probe its blocks,
-or compare several runs in one figure.
+"""Sample from a train_cifar.py checkpoint or the official SiT / LayerSync weights (PNG grid,
+ADM-format .npz, FID), probe their blocks, or compare several runs in one figure.
 
     python sample.py --ckpt runs/layersync/last.pt --grid grid.png
     python sample.py --ckpt runs/layersync/last.pt --n 10000 --npz samples.npz --fid
     python sample.py --ckpt runs/layersync/last.pt --probe             # per-block linear probe
     python sample.py --compare runs/baseline runs/layersync --figure compare.png
+    python sample.py --ckpt SiT-XL-2-256x256.pt --class-label 207 --n 8 --grid dogs.png
+    python sample.py --ckpt SiT-XL-2-256x256.pt --probe --probe-data imagenet_subset/
 
-The checkpoint's config rebuilds the model, so no model flags are needed. Labels are balanced
-over the classes (i % num_classes) unless --class-label fixes one.
+The checkpoint rebuilds the model, so no model flags are needed. Labels are balanced over the
+classes (i % num_classes) unless --class-label fixes one. Official models work on SD-VAE latents:
+their samples are decoded by --vae, and --probe-data images are encoded by it.
 """
 
 import argparse
@@ -23,16 +26,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from layersync import BlockProbe, SiT, guided_velocity, linear_probe, sample
-# the trainer's own formats (checkpoint, data, CSV, pixels, precision) and its flag checks
-from train_cifar import (autocast, device_arg, fail, load_checkpoint, load_data, probe_data,
-                         probe_levels, save_grid, to_pixels, write_probe_csv)
+from layersync import BlockProbe, SiT, default_layersync_pair, guided_velocity, sample
+from layersync import sit_from_official
+# the trainer's own formats (checkpoint, data, CSV, pixels, probe) and its flag checks
+from train_cifar import (autocast, device_arg, fail, is_run_checkpoint, load_checkpoint,
+                         load_data, probe_data, probe_levels, probe_split, read_torch_file,
+                         run_probe, save_grid, to_pixels, to_unit, write_probe_csv)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a last.pt written by train_cifar.py")
+    p.add_argument("--ckpt", help="a train_cifar.py last.pt (or its run folder), an official SiT "
+                   "state dict (SiT-XL-2-256x256.pt) or an official SiT / LayerSync train.py "
+                   "checkpoint (model, ema, opt, args)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--method", choices=["heun", "euler"], default="heun")
     p.add_argument("--steps", type=int, default=50, help="ODE steps (Heun: 2 evaluations each)")
@@ -55,6 +62,13 @@ def parse_args(argv=None):
                    help="linear probe of every block: print a table, write a CSV")
     p.add_argument("--probe-t", default="1.0,0.5",
                    help="noise levels of the probe (t = 1 is clean data)")
+    p.add_argument("--num-heads", type=int, help="attention heads of official weights whose shape "
+                   "is no SiT preset (the weights do not say)")
+    p.add_argument("--probe-data", metavar="FOLDER",
+                   help="probe on this image folder (one sub-folder per class) instead of the "
+                        "run's own data; needed for official weights")
+    p.add_argument("--vae", help="the diffusers AutoencoderKL of a latent model, a hub name or a "
+                   "local folder (default: stabilityai/sd-vae-ft-ema, behind the paper's FIDs)")
     p.add_argument("--probe-csv",
                    help="where --probe writes its rows (default: probe_<step>.csv beside --ckpt)")
     p.add_argument("--compare", nargs="+", metavar="RUN",
@@ -101,25 +115,79 @@ def check_args(args):
         check_output_path("--probe-csv", args.probe_csv, (".csv",))
 
 
-Loaded = namedtuple("Loaded", "model config step precision")
+Loaded = namedtuple("Loaded", "model config step precision")  # step: None for official weights
+OFFICIAL_KEYS = {"model", "ema", "opt", "args"}  # what the official SiT / LayerSync train.py saves
 
 
 def load_model(args) -> Loaded:
-    """The checkpoint's SiT (EMA weights unless --no-ema), at the run's precision: bf16 autocast
-    on CUDA if the run trained in bf16, fp32 otherwise."""
-    checkpoint = load_checkpoint(args.ckpt)
-    config = checkpoint["config"]
-    model = SiT(**config["model"])
-    model.load_state_dict(checkpoint["model" if args.no_ema else "ema"])
-    bf16 = args.device.type == "cuda" and config.get("precision", "bf16") == "bf16"
-    precision = "bf16" if bf16 else "fp32"
-    return Loaded(model.to(args.device).eval(), config, checkpoint["step"], precision)
+    """The SiT of any of three kinds of file, told apart by their content: a train_cifar.py
+    checkpoint, a bare official state dict, or an official train.py checkpoint. EMA weights
+    unless --no-ema. bf16 autocast on CUDA only for a run that trained in bf16 (official: fp32)."""
+    checkpoint = read_torch_file(args.ckpt)
+    weights = "model" if args.no_ema else "ema"
+    if is_run_checkpoint(checkpoint):
+        config = checkpoint["config"]
+        model = SiT(**config["model"])
+        model.load_state_dict(checkpoint[weights])
+        bf16 = args.device.type == "cuda" and config.get("precision", "bf16") == "bf16"
+        return Loaded(model.to(args.device).eval(), config, checkpoint["step"],
+                      "bf16" if bf16 else "fp32")
+    is_dict = isinstance(checkpoint, dict)
+    official = is_dict and OFFICIAL_KEYS <= checkpoint.keys()
+    state = checkpoint[weights] if official else checkpoint
+    if not (isinstance(state, dict) and "x_embedder.proj.weight" in state):
+        found = sorted(checkpoint)[:6] if is_dict else type(checkpoint).__name__
+        fail(f"{args.ckpt} holds {found}: expected a train_cifar.py checkpoint (model, ema, "
+             f"optimizer, step, config, rng), an official SiT state dict (x_embedder.proj.weight, "
+             f"blocks.0...) or an official train.py checkpoint (model, ema, opt, args)")
+    try:
+        model = sit_from_official(state, args.num_heads)
+    except ValueError as error:
+        fail(f"{args.ckpt}: {error} (--num-heads)")
+    flags = vars(checkpoint["args"]) if official else {}  # LayerSync's pair, if it trained one
+    pair = flags.get("encoder_depth"), flags.get("gt_encoder_depth")
+    if None in pair or pair[0] >= pair[1]:  # the probe's teacher cosine: the default pair's
+        pair = default_layersync_pair(len(model.blocks))
+    grid = round(model.pos_embed.shape[1] ** 0.5)  # patches per side
+    config = {"model": {"input_size": grid * model.patch_size,
+                        "in_channels": model.in_channels, "num_classes": model.num_classes},
+              "layersync_pairs": [list(pair)]}
+    return Loaded(model.to(args.device).eval(), config, None, "fp32")
+
+
+def load_vae(args):
+    """The diffusers AutoencoderKL between a latent model and pixels, or one line saying why not."""
+    try:
+        from diffusers import AutoencoderKL
+        from diffusers.utils import logging
+    except ImportError:
+        fail("this model works on SD-VAE latents (4 channels): decoding its samples and encoding "
+             "probe images needs the optional extra diffusers: pip install diffusers")
+    name = args.vae or "stabilityai/sd-vae-ft-ema"
+    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        fail(f"--vae {name}: no such folder")
+    logging.set_verbosity_error()
+    try:
+        vae = AutoencoderKL.from_pretrained(os.path.expanduser(name))
+    except Exception as error:  # offline, a wrong name, a folder without its config.json
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        fail(f"--vae {name}: cannot load it ({type(error).__name__}: {first}). Download it once "
+             f"with internet (huggingface caches it), or pass --vae LOCAL_FOLDER")
+    return vae.to(args.device).eval()
 
 
 @torch.no_grad()
-def generate(args, loaded: Loaded, labels) -> torch.Tensor:
-    """uint8 images (N, H, W, 3); the noise comes from a CPU generator, so --seed gives the same
-    images whatever the device and batch size."""
+def encode(vae, pixels: torch.Tensor, device, batch_size: int = 64) -> torch.Tensor:
+    """uint8 images -> the latents the model trained on: the posterior mean x scaling factor."""
+    scale = vae.config.scaling_factor  # 0.18215 for SD-VAE
+    return torch.cat([vae.encode(to_unit(x).to(device)).latent_dist.mean.cpu() * scale
+                      for x in pixels.split(batch_size)])
+
+
+@torch.no_grad()
+def generate(args, loaded: Loaded, labels, vae=None) -> torch.Tensor:
+    """uint8 images (N, H, W, 3), decoded by `vae` for a latent model; the noise comes from a CPU
+    generator, so --seed gives the same images whatever the device and batch size."""
     model, size = loaded.model, loaded.config["model"]["input_size"]
     generator = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(len(labels), model.in_channels, size, size, generator=generator)
@@ -129,6 +197,8 @@ def generate(args, loaded: Loaded, labels) -> torch.Tensor:
         y = labels[start:start + args.batch_size].to(args.device)
         with autocast(args.device, loaded.precision):
             images = sample(guided_velocity(model, y, args.cfg_scale), x, args.steps, args.method)
+        if vae is not None:  # latents -> images in [-1, 1], as the official sample.py decodes
+            images = vae.decode(images.float() / vae.config.scaling_factor).sample
         out.append(to_pixels(images).permute(0, 2, 3, 1).cpu())
     return torch.cat(out)
 
@@ -179,20 +249,26 @@ def compute_fid(images: torch.Tensor, reference, device) -> float:
 
 # ------------------------------------------------------------------ the probe of one checkpoint
 
-def probe_checkpoint(args, loaded: Loaded):
-    """Every block's probe accuracy on the checkpoint's own data, as a table and a CSV."""
+def probe_checkpoint(args, loaded: Loaded, vae=None):
+    """Every block's probe accuracy, on the run's own data or on --probe-data (encoded by `vae`
+    for a latent model), as a table and a CSV: the same probe as in training (run_probe)."""
     model, config, step = loaded.model, loaded.config, loaded.step
     if not model.has_null_class:
         fail("--probe: the probe feeds the null class label, and this model has none (trained with "
              "class_dropout_prob=0)")
-    data = probe_data(config, args.data_dir)
+    if args.probe_data:  # a latent model sees 8x smaller latents of its images (SD-VAE)
+        size = config["model"]["input_size"] * (8 if vae else 1)
+        images, labels, _ = load_data(args.probe_data, args.data_dir, size)
+        to_input = (lambda pixels: encode(vae, pixels, args.device)) if vae else to_unit
+        data = probe_split(args.probe_data, args.data_dir, images, labels, to_input)
+    else:
+        data = probe_data(config, args.data_dir)
     pairs = config.get("layersync_pairs") or []
     teacher = pairs[0][1] if pairs else None
-    with autocast(args.device, loaded.precision):
-        probe = linear_probe(model, data.fit, data.scored, args.probe_t, teacher)
+    probe = run_probe(model, data, args.probe_t, pairs, loaded.precision)
     role = {k: "student" for k, _ in pairs} | {k_teacher: "teacher" for _, k_teacher in pairs}
     weights = "raw" if args.no_ema else "EMA"
-    print(f"probe of {args.ckpt} at step {step} ({weights} weights), {data.description}; "
+    print(f"probe of {args.ckpt} at {what(loaded)} ({weights} weights), {data.description}; "
           f"chance {100 / model.num_classes:.1f}%")
     first_t = args.probe_t[0]
     cosine_header = f"  cos to block {teacher} (t={first_t:g})" if teacher else ""
@@ -201,10 +277,15 @@ def probe_checkpoint(args, loaded: Loaded):
         accuracies = " ".join(f"{100 * probe.accuracy[t][k]:>7.1f}%" for t in args.probe_t)
         cosine = f"  {probe.teacher_cosine[first_t][k]:>8.3f}" if teacher else ""
         print(f"{role.get(k, ''):>7} {k:>2} {accuracies}{cosine}")
-    folder = os.path.dirname(os.path.abspath(args.ckpt))
-    path = args.probe_csv or os.path.join(folder, f"probe_{step:07d}.csv")
-    write_probe_csv(path, step, probe)
+    folder, name = os.path.split(os.path.abspath(args.ckpt))
+    default = f"probe_{step:07d}.csv" if step is not None else f"probe_{name.rsplit('.', 1)[0]}.csv"
+    path = args.probe_csv or os.path.join(folder, default)
+    write_probe_csv(path, step or 0, probe)
     print(f"probe rows: {path}")
+
+
+def what(loaded: Loaded) -> str:
+    return "the official weights" if loaded.step is None else f"step {loaded.step}"
 
 
 # ------------------------------------------------------------------ comparing runs, over seeds
@@ -454,11 +535,22 @@ def main(argv=None):
     if args.compare:
         return compare(args)
     loaded = load_model(args)
+    model, config = loaded.model, loaded.config
+    latent = model.in_channels == 4  # SD-VAE latents, as the official models use
+    if args.fid and latent:
+        fail("--fid compares with CIFAR-10; for this ImageNet latent model write --npz and score "
+             "it with the ADM evaluation suite (openai/guided-diffusion, evaluations/), as the "
+             "paper did")
+    if args.vae and not latent:
+        fail(f"--vae {args.vae}: this model works on pixels, not latents; drop --vae")
+    if args.probe and loaded.step is None and not args.probe_data:
+        fail("--probe of official weights needs --probe-data FOLDER (one sub-folder of images per "
+             "class, e.g. an ImageNet or Tiny-ImageNet subset)")
+    vae = load_vae(args) if latent else None
     if args.probe:
-        probe_checkpoint(args, loaded)
+        probe_checkpoint(args, loaded, vae)
         if not (args.grid or args.npz or args.fid):
             return
-    model, config, step = loaded.model, loaded.config, loaded.step
     num_classes = config["model"]["num_classes"]
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         fail(f"--class-label {args.class_label}: the model has classes 0..{num_classes - 1}")
@@ -470,14 +562,14 @@ def main(argv=None):
     n = args.n or 8 * rows
     if args.grid and n % rows:
         fail(f"--n {n} with --grid: the grid has one row per class, so give a multiple of the "
-             f"{num_classes} classes, e.g. --n {8 * num_classes}")
+             f"{num_classes} classes, e.g. --n {8 * num_classes}, or one --class-label")
     if args.class_label is None:
         labels = torch.arange(n) % num_classes
     else:
         labels = torch.full((n,), args.class_label)
-    images = generate(args, loaded, labels)
+    images = generate(args, loaded, labels, vae)
     weights = "raw" if args.no_ema else "EMA"
-    print(f"{len(images)} images from step {step} ({weights} weights), "
+    print(f"{len(images)} images from {what(loaded)} ({weights} weights), "
           f"{args.method} {args.steps} steps, cfg {args.cfg_scale}")
     if args.grid:  # one row per class: labels sorted, each class's images in drawing order
         by_class = labels.argsort(stable=True)

@@ -1021,7 +1021,7 @@ def test_resume_edge_cases(image_folder, tmp_path, monkeypatch):
                       train_cifar.main),
                      (["--ckpt", str(out / "last.pt"), "--grid", "g.png"], sample_script.main)):
         error = run_error(argv, fn)
-        assert "not a train_cifar.py checkpoint" in error and "state_dict" in error
+        assert "train_cifar.py checkpoint" in error and "state_dict" in error
         assert "\n" not in error
 
 
@@ -1490,6 +1490,172 @@ def test_a_baseline_measures_the_teacher_cosine_of_the_default_pair(image_folder
     assert len(rows) == 2 * 3 and all(r["teacher_cosine"] != "" for r in rows)
     teacher = [float(r["teacher_cosine"]) for r in rows if r["block"] == "2"]
     assert teacher == pytest.approx([1.0, 1.0], abs=1e-5)  # the teacher block against itself
+
+
+# ================================================================ 6b. the official weights
+#
+# Files in the official SiT / LayerSync layout are written here from the known facts of that layout
+# (timm's parameter names, a stored pos_embed, a learn_sigma head, train.py's dict with an
+# argparse.Namespace), from a SiT of this file, and must load back to the same model.
+
+def official_state_dict(model) -> dict:
+    """`model`'s weights as the official SiT code names and shapes them: x_embedder.proj (timm's
+    PatchEmbed), y_embedder.embedding_table, mlp.fc1 / mlp.fc2 (timm's Mlp), a frozen pos_embed,
+    and a learn_sigma head of 2C channels whose rows run (patch row, patch column, channel), the
+    velocity in channels 0..C-1 and a (here random) sigma in C..2C-1 of every patch position."""
+    names = {"x_embedder.": "x_embedder.proj.", "y_embedder.table.": "y_embedder.embedding_table.",
+             ".mlp.0.": ".mlp.fc1.", ".mlp.2.": ".mlp.fc2."}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        for ours, official in names.items():
+            name = name.replace(ours, official)
+        out[name] = tensor.clone()
+    out["pos_embed"] = model.pos_embed.clone()
+    p, c = model.patch_size, model.in_channels
+    for key in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        velocity = out[key].reshape(p * p, c, *out[key].shape[1:])
+        sigma = torch.randn(velocity.shape, generator=torch.Generator().manual_seed(7))
+        out[key] = torch.cat([velocity, sigma], dim=1).reshape(p * p * 2 * c, *out[key].shape[1:])
+    return out
+
+
+def latent_sit(seed=0):
+    """A small SiT on 4-channel latents of 4x4 (SD-VAE: 32x32 images), 5 classes."""
+    return tiny_sit(depth=3, seed=seed, input_size=4, in_channels=4).eval()
+
+
+def tiny_vae(folder):
+    """A random diffusers AutoencoderKL, 32x32x3 <-> 4x4x4, saved as a --vae folder."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
+                        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=32)
+    vae.save_pretrained(folder)
+    return str(folder)
+
+
+def test_official_weights_give_the_same_velocity_and_blocks():
+    model = latent_sit()
+    official = official_state_dict(model)
+    loaded = L.sit_from_official(official, num_heads=4).eval()
+    x, y = batch(model, n=3)
+    t = torch.rand(3)
+    v, hidden = model(x, t, y, return_layers=(1, 2, 3))
+    v_loaded, hidden_loaded = loaded(x, t, y, return_layers=(1, 2, 3))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(hidden, hidden_loaded))  # f^k
+    # the official head by its own rule: 2C channels per patch, unpatchified, first C kept
+    features = {}
+    model.final_layer.linear.register_forward_hook(lambda m, i, o: features.update(x=i[0]))
+    model(x, t, y)
+    out = features["x"] @ official["final_layer.linear.weight"].T + official[
+        "final_layer.linear.bias"]
+    n, p, c = 3, model.patch_size, model.in_channels
+    out = out.reshape(n, 2, 2, p, p, 2 * c)
+    out = torch.einsum("nhwpqc->nchpwq", out).reshape(n, 2 * c, 2 * p, 2 * p)
+    assert torch.allclose(v_loaded, out[:, :c], atol=1e-5) and torch.allclose(v_loaded, v,
+                                                                              atol=1e-5)
+
+
+def test_official_weights_refuse_what_they_cannot_map():
+    official = official_state_dict(latent_sit())
+    with pytest.raises(ValueError, match="pass num_heads="):
+        L.sit_from_official(official)  # depth 3, width 32: no preset, so no known head count
+    for broken, message in (({"pos_embed": official["pos_embed"] + 0.1}, "sin-cos"),
+                            ({"blocks.0.attn.proj.bias": None}, "Missing.*blocks.0.attn.proj"),
+                            ({"extra.weight": torch.zeros(1)}, "Unexpected.*extra.weight"),
+                            ({"t_embedder.mlp.0.bias": torch.zeros(3)}, "size mismatch.*mlp.0")):
+        state = {**official, **broken}
+        state = {k: v for k, v in state.items() if v is not None}
+        with pytest.raises(ValueError, match=message):
+            L.sit_from_official(state, num_heads=4)
+    # a preset's shape needs no heads: SiT-S/8 on 32x32 latents, 6 heads
+    preset = L.SiT_models["SiT-S/8"](input_size=32, in_channels=4, num_classes=3)
+    assert L.sit_from_official(official_state_dict(preset)).blocks[0].attn.num_heads == 6
+
+
+def test_sample_reads_the_three_kinds_of_checkpoint(image_folder, tmp_path):
+    """A train_cifar.py run, a bare official state dict and an official train.py dict (model, ema,
+    opt, args as a Namespace); the latent models' samples decoded by a --vae folder."""
+    import argparse
+    vae = tiny_vae(tmp_path / "vae")
+    ema, raw = latent_sit(seed=0), latent_sit(seed=1)
+    torch.save(official_state_dict(ema), tmp_path / "bare.pt")
+    torch.save({"model": official_state_dict(raw), "ema": official_state_dict(ema), "opt": {},
+                "args": argparse.Namespace(model="SiT-XL/2", encoder_depth=1,
+                                           gt_encoder_depth=3)}, tmp_path / "trainpy.pt")
+    images = {}
+    for name, extra in (("bare", []), ("trainpy", []), ("trainpy", ["--no-ema"])):
+        npz = tmp_path / f"{name}{len(extra)}.npz"
+        sample_script.main(["--ckpt", str(tmp_path / f"{name}.pt"), "--vae", vae, "--n", "5",
+                            "--steps", "2", "--npz", str(npz), "--device", "cpu",
+                            "--num-heads", "4", *extra])
+        images[name, len(extra)] = np.load(npz)["arr_0"]
+    assert images["bare", 0].shape == (5, 32, 32, 3)  # 4x4 latents, decoded 8x larger
+    assert np.array_equal(images["bare", 0], images["trainpy", 0])  # both the EMA's
+    assert not np.array_equal(images["trainpy", 0], images["trainpy", 1])
+    train(image_folder, tmp_path / "run", "--steps", "2")  # and a run folder reads its last.pt
+    grid = tmp_path / "grid.png"
+    sample_script.main(["--ckpt", str(tmp_path / "run"), "--steps", "2", "--grid", str(grid),
+                        "--device", "cpu"])
+    assert Image.open(grid).size == (8 * 8 + 9 * 2, 3 * 8 + 4 * 2)
+    # the probe of official weights on an image folder, encoded by the VAE
+    csv_path = tmp_path / "probe.csv"
+    sample_script.main(["--ckpt", str(tmp_path / "trainpy.pt"), "--vae", vae, "--probe",
+                        "--probe-data", image_folder, "--probe-csv", str(csv_path),
+                        "--device", "cpu", "--num-heads", "4"])
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 3 * 2 and {r["block"] for r in rows} == {"1", "2", "3"}
+    teacher = [float(r["teacher_cosine"]) for r in rows if r["block"] == "3"]
+    assert teacher == pytest.approx([1.0, 1.0], abs=1e-5)  # args' pair 1 <- 3
+
+
+def test_sample_refuses_files_it_cannot_read_in_one_line(tmp_path, monkeypatch):
+    class Planted:
+        def __reduce__(self):  # loading this with pickle would create a file
+            return (open, (str(tmp_path / "planted"), "w"))
+    torch.save({"model": Planted()}, tmp_path / "code.pt")
+    torch.save(latent_sit(), tmp_path / "whole.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    (tmp_path / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    torch.save(official_state_dict(latent_sit()), tmp_path / "bare.pt")
+    (tmp_path / "empty_vae").mkdir()
+    out = ["--npz", str(tmp_path / "s.npz"), "--device", "cpu", "--num-heads", "4"]
+    for ckpt, extra, message in (
+            ("code.pt", [], "open), so it was not loaded"),
+            ("whole.pt", [], "save model.state_dict() instead"),
+            ("foreign.pt", [], "holds ['weights']: expected a train_cifar.py checkpoint"),
+            ("metrics.csv", [], "is not a torch checkpoint"),
+            ("bare.pt", ["--vae", str(tmp_path / "no_vae")], "no such folder"),
+            ("bare.pt", ["--vae", str(tmp_path / "empty_vae")], "cannot load it"),
+            ("bare.pt", ["--fid"], "ADM evaluation suite"),
+            ("bare.pt", ["--probe"], "needs --probe-data FOLDER")):
+        error = run_error(["--ckpt", str(tmp_path / ckpt), *out, *extra], sample_script.main)
+        assert error.startswith("error: ") and "\n" not in error and message in error, error
+    assert not (tmp_path / "planted").exists() and not (tmp_path / "s.npz").exists()
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
+    error = run_error(["--ckpt", str(tmp_path / "bare.pt"), *out], sample_script.main)
+    assert "pip install diffusers" in error
+
+
+def test_record_blocks_on_diffusers_dit():
+    """The README's table names diffusers' DiT: the term's gradient reaches blocks 1..k only."""
+    from diffusers import DiTTransformer2DModel
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, num_layers=4, sample_size=8, patch_size=2,
+                                  num_embeds_ada_norm=10, norm_num_groups=4)
+    with torch.no_grad():  # adaLN-Zero starts every block as the identity: move off it
+        for name, p in model.named_parameters():
+            if "norm1.linear" in name or "emb" in name:
+                p.normal_(0, 0.1)
+    with L.record_blocks(model.transformer_blocks, [2, 4]) as out:
+        model(torch.randn(2, 4, 8, 8), timestep=torch.tensor([1, 2]),
+              class_labels=torch.tensor([0, 1]))
+    L.layersync_loss(out[2], out[4]).backward()
+    touched = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
+               for block in model.transformer_blocks]
+    assert touched == [True, True, False, False]
 
 
 # ================================================================ 7. torchrun (gloo on the CPU)

@@ -20,9 +20,12 @@ import copy
 import csv
 import math
 import os
+import pickle
+import re
 import signal
 import sys
 import time
+import zipfile
 from collections import namedtuple
 from types import SimpleNamespace
 
@@ -425,15 +428,16 @@ PROBE_SEED = 1234  # the fitted subset: the same for every run, apart from --see
 ProbeData = namedtuple("ProbeData", "fit scored description")  # fit, scored: (x1, labels)
 
 
-def probe_split(data: str, data_dir: str, images, labels) -> ProbeData:
+def probe_split(data: str, data_dir: str, images, labels, to_input=to_unit) -> ProbeData:
     """On the CPU. CIFAR-10: a fixed 10,000-image subset of the training split fits, the
     10,000-image test split scores. An image folder: every 5th image of each class (in file-name
-    order) scores, the rest (at most 10,000) fit; the generator still trains on all of them."""
+    order) scores, the rest (at most 10,000) fit; the generator still trains on all of them.
+    to_input: uint8 images -> what the model reads (pixels in [-1, 1], or a VAE's latents)."""
     if data == "cifar10":
         scored, scored_labels, _ = load_cifar10(data_dir, train=False)
         seeded = torch.Generator().manual_seed(PROBE_SEED)
         pick = torch.randperm(len(images), generator=seeded)[:PROBE_FIT_IMAGES]
-        return ProbeData((to_unit(images[pick]), labels[pick]), (to_unit(scored), scored_labels),
+        return ProbeData((to_input(images[pick]), labels[pick]), (to_input(scored), scored_labels),
                          "fit on 10,000 training images, scored on the test split")
     held = torch.zeros(len(labels), dtype=torch.bool)
     for c in labels.unique():
@@ -446,7 +450,8 @@ def probe_split(data: str, data_dir: str, images, labels) -> ProbeData:
         pick = torch.randperm(len(fit), generator=torch.Generator().manual_seed(PROBE_SEED))
         fit = fit[pick[:PROBE_FIT_IMAGES].sort().values]
     scored = f"every 5th image of each class ({int(held.sum())})"
-    return ProbeData((to_unit(images[fit]), labels[fit]), (to_unit(images[held]), labels[held]),
+    return ProbeData((to_input(images[fit]), labels[fit]),
+                     (to_input(images[held]), labels[held]),
                      f"fit on {len(fit)} images, scored on {scored}")
 
 
@@ -716,22 +721,41 @@ def save_checkpoint(path: str, state: dict):
         raise
 
 
-def load_checkpoint(path: str) -> dict:
-    """A train_cifar.py checkpoint, or a one-line error saying why it is not one."""
-    try:  # weights_only: a checkpoint is data and is never allowed to run code
-        # mmap: under torchrun every process reads the same file without a copy of its own
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
+def read_torch_file(path: str):
+    """torch.load(path) as data, never as code, or one line saying what the file is instead. A
+    folder reads its last.pt. argparse.Namespace (plain values) is allowed: the official SiT and
+    LayerSync train.py store their flags in one."""
+    path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):  # a CSV, a PNG: torch's own message would say to re-save it
+        fail(f"{path} is not a torch checkpoint (torch.save writes a zip archive)")
+    try:  # weights_only: the file is data; mmap: under torchrun the processes share one copy
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:  # refused before anything in it ran
+        needs = re.search(r"GLOBAL ([\w.]+)", str(error))
+        fail(f"{path} needs code to load ({needs[1] if needs else 'a pickled object'}), so it was "
+             f"not loaded; a model saved whole with torch.save(model) holds its code: save "
+             f"model.state_dict() instead")
     except Exception as error:
         fail(f"cannot read checkpoint {path} ({type(error).__name__}: {error})")
-    if not (isinstance(checkpoint, dict) and CHECKPOINT_KEYS <= checkpoint.keys()
-            and isinstance(checkpoint["config"], dict) and "model" in checkpoint["config"]):
+
+
+def load_checkpoint(path: str) -> dict:
+    """A train_cifar.py checkpoint, or a one-line error saying why it is not one."""
+    checkpoint = read_torch_file(path)
+    if not is_run_checkpoint(checkpoint):
         is_dict = isinstance(checkpoint, dict)
         found = sorted(checkpoint)[:8] if is_dict else type(checkpoint).__name__
         fail(f"{path} is not a train_cifar.py checkpoint (expected the keys "
              f"{sorted(CHECKPOINT_KEYS)}, found {found})")
     return checkpoint
+
+
+def is_run_checkpoint(checkpoint) -> bool:
+    return (isinstance(checkpoint, dict) and CHECKPOINT_KEYS <= checkpoint.keys()
+            and isinstance(checkpoint["config"], dict) and "model" in checkpoint["config"])
 
 
 def resume(checkpoint: dict, parts: Parts, batches, args) -> int:
