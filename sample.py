@@ -511,7 +511,7 @@ def compare_figure(arms: list, path: str):
         run = arm.runs[0]
         if run.grid:
             ax.imshow(Image.open(run.grid), interpolation="nearest")
-            ax.set_title(f"(f) {arm.label}:\n{run.name}, {os.path.basename(run.grid)}", fontsize=9)
+            ax.set_title(f"(f) {arm.label}:\n{os.path.basename(run.grid)}", fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
