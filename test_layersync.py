@@ -1599,6 +1599,12 @@ def test_sample_reads_the_three_kinds_of_checkpoint(image_folder, tmp_path):
     sample_script.main(["--ckpt", str(tmp_path / "run"), "--steps", "2", "--grid", str(grid),
                         "--device", "cpu"])
     assert Image.open(grid).size == (8 * 8 + 9 * 2, 3 * 8 + 4 * 2)
+    # --probe-data probes a run on another folder (here its own images, from another path)
+    other = tmp_path / "other_folder"
+    os.symlink(image_folder, other)
+    sample_script.main(["--ckpt", str(tmp_path / "run"), "--probe", "--probe-data", str(other),
+                        "--probe-csv", str(tmp_path / "run_probe.csv"), "--device", "cpu"])
+    assert len(list(csv.DictReader(open(tmp_path / "run_probe.csv")))) == 3 * 2
     # the probe of official weights on an image folder, encoded by the VAE
     csv_path = tmp_path / "probe.csv"
     sample_script.main(["--ckpt", str(tmp_path / "trainpy.pt"), "--vae", vae, "--probe",
