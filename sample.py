@@ -101,7 +101,7 @@ def check_output_path(flag: str, path: str, extensions: tuple):
 
 def check_args(args):
     """All that can be checked before loading the model or drawing a sample, one line each."""
-    for name in ("n", "steps", "batch_size"):
+    for name in ("n", "steps", "batch_size", "num_heads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if not math.isfinite(args.cfg_scale):
@@ -143,7 +143,7 @@ def load_model(args) -> Loaded:
     try:
         model = sit_from_official(state, args.num_heads)
     except ValueError as error:
-        fail(f"{args.ckpt}: {error} (--num-heads)")
+        fail(f"{args.ckpt}: {str(error).replace('pass num_heads=', 'pass --num-heads N')}")
     flags = vars(checkpoint["args"]) if official else {}  # LayerSync's pair, if it trained one
     pair = flags.get("encoder_depth"), flags.get("gt_encoder_depth")
     if None in pair or pair[0] >= pair[1]:  # the probe's teacher cosine: the default pair's

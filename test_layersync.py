@@ -1639,6 +1639,8 @@ def test_sample_refuses_files_it_cannot_read_in_one_line(tmp_path, monkeypatch):
         error = run_error(["--ckpt", str(tmp_path / ckpt), *out, *extra], sample_script.main)
         assert error.startswith("error: ") and "\n" not in error and message in error, error
     assert not (tmp_path / "planted").exists() and not (tmp_path / "s.npz").exists()
+    error = run_error(["--ckpt", str(tmp_path / "bare.pt"), *out[:-2]], sample_script.main)
+    assert "no SiT preset" in error and "pass --num-heads N" in error  # 32 wide, 3 deep
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
     error = run_error(["--ckpt", str(tmp_path / "bare.pt"), *out], sample_script.main)
     assert "pip install diffusers" in error
