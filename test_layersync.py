@@ -1840,17 +1840,26 @@ def test_cuda_fused_adamw_equals_the_plain_one():
 
 
 @needs_cuda
-def test_cuda_resume_equals_uninterrupted_bit_for_bit(image_folder, tmp_path):
-    """The default GPU path (bf16, compiled), 5 steps + --resume to 10 against 10 straight steps."""
+def test_cuda_resume_equals_uninterrupted(image_folder, tmp_path):
+    """The default GPU path (bf16, compiled): 5 steps + --resume to 10 against 10 straight steps.
+    Bit for bit where two straight runs on this GPU agree bit for bit. Where its kernels are not
+    deterministic (atomic adds in a backward), within 10x the distance of two straight runs: a
+    lost optimizer state or RNG lands orders of magnitude further (see the last_v1.pt test)."""
     common = ["--device", "cuda", "--log-every", "5", "--sample-every", "100",
               "--ckpt-every", "100", "--probe-every", "0"]
-    train(image_folder, tmp_path / "straight", "--steps", "10", *common)
+    for name in ("straight", "again"):
+        train(image_folder, tmp_path / name, "--steps", "10", *common)
     train(image_folder, tmp_path / "resumed", "--steps", "5", *common)
     train(image_folder, tmp_path / "resumed", "--steps", "10", "--resume", *common)
-    a, b = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
+    a, again, b = (checkpoint(tmp_path / name) for name in ("straight", "again", "resumed"))
     assert a["config"]["precision"] == "bf16" and a["step"] == b["step"] == 10
-    assert_same_training_state(a, b)
     assert torch.equal(a["rng"]["ranks"][0]["cuda"], b["rng"]["ranks"][0]["cuda"])
+    floor = relative_distance(again, a)
+    if max(floor.values()) == 0:  # a deterministic GPU: the resume must be exact
+        assert_same_training_state(a, b)
+    else:
+        distance = relative_distance(b, a)
+        assert all(distance[k] <= 10 * floor[k] for k in distance), (distance, floor)
 
 
 @needs_cuda
