@@ -3,6 +3,7 @@ ADM-format .npz, FID), probe their blocks, or compare several runs in one figure
 
     python sample.py --ckpt runs/layersync/last.pt --grid grid.png
     python sample.py --ckpt runs/layersync/last.pt --n 10000 --npz samples.npz --fid
+    python sample.py --fid runs/layersync      # FID of every snapshot of a run, into its fid.csv
     python sample.py --ckpt runs/layersync/last.pt --probe             # per-block linear probe
     python sample.py --compare runs/baseline runs/layersync --figure compare.png
     python sample.py --ckpt SiT-XL-2-256x256.pt --class-label 207 --n 8 --grid dogs.png
@@ -18,7 +19,9 @@ import csv
 import glob
 import json
 import math
+import hashlib
 import os
+import re
 import sys
 from collections import namedtuple
 
@@ -26,12 +29,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from layersync import BlockProbe, SiT, default_layersync_pair, guided_velocity, sample
-from layersync import sit_from_official
+from layersync import BlockProbe, SiT, check_layersync_pairs, default_layersync_pair
+from layersync import guided_velocity, sample, sit_from_official
 # the trainer's own formats (checkpoint, data, CSV, pixels, probe) and its flag checks
-from train_cifar import (autocast, device_arg, fail, is_run_checkpoint, load_checkpoint,
-                         load_data, probe_data, probe_levels, probe_split, read_torch_file,
-                         run_probe, save_grid, to_pixels, to_unit, write_probe_csv)
+from train_cifar import (SNAPSHOT_KEYS, autocast, device_arg, fail, is_run_checkpoint,
+                         load_checkpoint, load_data, probe_data, probe_levels, probe_split,
+                         read_torch_file, run_probe, save_grid, to_pixels, to_unit,
+                         write_probe_csv)
 
 
 def parse_args(argv=None):
@@ -55,9 +59,14 @@ def parse_args(argv=None):
     p.add_argument("--grid", help="write a PNG grid here")
     p.add_argument("--npz", help="write arr_0 (uint8 N,H,W,3) and arr_1 (labels) here, the ADM "
                                  "format")
-    p.add_argument("--fid", action="store_true",
-                   help="FID against the CIFAR-10 training set (needs torch-fidelity)")
-    p.add_argument("--data-dir", default="./data", help="where CIFAR-10 is, for --fid and --probe")
+    p.add_argument("--fid", nargs="?", const=True, metavar="RUN_DIR",
+                   help="FID against the run's own training data (needs torch-fidelity): of "
+                        "--ckpt, or of each snapshot of RUN_DIR (ema_<step>.pt, last.pt) not yet "
+                        "in RUN_DIR/fid.csv, oldest first, a row each (--n then defaults to 10000)")
+    p.add_argument("--fid-weights", metavar="PATH", help="torch-fidelity's Inception weights "
+                   "(weights-inception-2015-12-05-6726825d.pth), for a machine without internet")
+    p.add_argument("--data-dir", help="where CIFAR-10 is, for --fid and --probe (default: the "
+                                      "run's own, else ./data)")
     p.add_argument("--probe", action="store_true",
                    help="linear probe of every block: print a table, write a CSV")
     p.add_argument("--probe-t", default="1.0,0.5",
@@ -75,6 +84,16 @@ def parse_args(argv=None):
                    help="run folders of train_cifar.py to compare")
     p.add_argument("--figure", default="compare.png", help="the PNG that --compare writes")
     args = p.parse_args(argv)
+    args.fid_run = None
+    if isinstance(args.fid, str):  # --fid PATH: a run folder, or one checkpoint file
+        if args.ckpt:
+            p.error("give --fid RUN_DIR, or --ckpt PATH --fid; not both")
+        if not os.path.isdir(args.fid):
+            args.ckpt = args.fid
+        elif args.grid or args.npz or args.probe:
+            p.error("--fid RUN_DIR writes only its fid.csv; --grid, --npz and --probe take --ckpt")
+        else:
+            args.fid_run, args.ckpt = args.fid, args.fid
     if args.compare:
         if args.ckpt:
             p.error("--compare reads run folders; give it without --ckpt")
@@ -82,6 +101,8 @@ def parse_args(argv=None):
         return args
     if not args.ckpt:
         p.error("give --ckpt PATH (or --compare RUN ...)")
+    if args.fid and args.class_label is not None:
+        p.error("--fid compares samples of every class with the data; drop --class-label")
     if not (args.grid or args.npz or args.fid or args.probe):
         p.error("nothing to write: give --grid PATH, --npz PATH, --fid and/or --probe")
     args.probe_t = probe_levels(args.probe_t)
@@ -119,13 +140,16 @@ Loaded = namedtuple("Loaded", "model config step precision")  # step: None for o
 OFFICIAL_KEYS = {"model", "ema", "opt", "args"}  # what the official SiT / LayerSync train.py saves
 
 
-def load_model(args) -> Loaded:
+def load_model(args, path=None) -> Loaded:
     """The SiT of any of three kinds of file, told apart by their content: a train_cifar.py
-    checkpoint, a bare official state dict, or an official train.py checkpoint. EMA weights
-    unless --no-ema. bf16 autocast on CUDA only for a run that trained in bf16 (official: fp32)."""
-    checkpoint = read_torch_file(args.ckpt)
+    checkpoint or EMA snapshot, a bare official state dict, or an official train.py checkpoint.
+    EMA weights unless --no-ema. bf16 autocast on CUDA only for a run that trained in bf16."""
+    path = path or args.ckpt
+    checkpoint = read_torch_file(path)
     weights = "model" if args.no_ema else "ema"
-    if is_run_checkpoint(checkpoint):
+    if is_run_checkpoint(checkpoint, SNAPSHOT_KEYS):
+        if weights not in checkpoint:
+            fail(f"--no-ema: {path} is an EMA snapshot; the raw weights are in the run's last.pt")
         config = checkpoint["config"]
         model = SiT(**config["model"])
         model.load_state_dict(checkpoint[weights])
@@ -137,17 +161,21 @@ def load_model(args) -> Loaded:
     state = checkpoint[weights] if official else checkpoint
     if not (isinstance(state, dict) and "x_embedder.proj.weight" in state):
         found = sorted(checkpoint)[:6] if is_dict else type(checkpoint).__name__
-        fail(f"{args.ckpt} holds {found}: expected a train_cifar.py checkpoint (model, ema, "
+        fail(f"{path} holds {found}: expected a train_cifar.py checkpoint (model, ema, "
              f"optimizer, step, config, rng), an official SiT state dict (x_embedder.proj.weight, "
              f"blocks.0...) or an official train.py checkpoint (model, ema, opt, args)")
     try:
         model = sit_from_official(state, args.num_heads)
     except ValueError as error:
-        fail(f"{args.ckpt}: {str(error).replace('pass num_heads=', 'pass --num-heads N')}")
+        fail(f"{path}: {str(error).replace('pass num_heads=', 'pass --num-heads N')}")
     flags = vars(checkpoint["args"]) if official else {}  # LayerSync's pair, if it trained one
-    pair = flags.get("encoder_depth"), flags.get("gt_encoder_depth")
-    if None in pair or pair[0] >= pair[1]:  # the probe's teacher cosine: the default pair's
-        pair = default_layersync_pair(len(model.blocks))
+    pair, depth = (flags.get("encoder_depth"), flags.get("gt_encoder_depth")), len(model.blocks)
+    try:
+        pair = check_layersync_pairs([pair], depth)[0]
+    except ValueError as error:  # no pair, k = k' (its default) or beyond this model's blocks
+        if official and None not in pair:
+            print(f"note: {path}: {error}; the probe's cosines are to the default pair's teacher")
+        pair = default_layersync_pair(depth)  # the probe's teacher cosine
     grid = round(model.pos_embed.shape[1] ** 0.5)  # patches per side
     config = {"model": {"input_size": grid * model.patch_size,
                         "in_channels": model.in_channels, "num_classes": model.num_classes},
@@ -216,35 +244,110 @@ class UInt8Images(torch.utils.data.Dataset):
         return self.images[i].permute(2, 0, 1).contiguous()
 
 
-def prepare_fid(model_config: dict, data_dir: str):
-    """Before sampling: the extra is installed, the samples can be compared with CIFAR-10, the
-    reference images and the Inception weights are there. Returns the reference images."""
+# torch-fidelity's Inception-v3, ported from the TensorFlow FID code (the tests register a stand-in)
+FID_EXTRACTOR = "inception-v3-compat"
+FID_FIELDS = ["step", "n", "fid", "method", "steps", "cfg_scale", "seed"]
+
+
+def prepare_fid(args, config: dict) -> dict:
+    """Before any sampling, one line for what is missing: the extra, the run's training data (the
+    reference) and the Inception weights. Returns torch-fidelity's options for compute_fid."""
     try:
         import torch_fidelity
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     except ImportError:
         fail("--fid needs the optional extra torch-fidelity: pip install torch-fidelity")
-    shape = (model_config["input_size"], model_config["in_channels"])
-    if shape != (32, 3):
-        fail(f"--fid compares with CIFAR-10 (32x32 RGB), but this model makes "
-             f"{shape[0]}x{shape[0]} images with {shape[1]} channels")
-    reference, _, _ = load_data("cifar10", data_dir, 32)  # (N, 3, 32, 32) uint8; downloads
+    if "data" not in config:  # the official weights: ImageNet latents
+        fail("--fid compares with a train_cifar.py run's own data; for this ImageNet latent model "
+             "write --npz and score it with the ADM evaluation suite (openai/guided-diffusion, "
+             "evaluations/), as the paper did")
+    if args.fid_weights:  # torch-fidelity loads it with weights_only=False: read it safely first
+        weights = read_torch_file(args.fid_weights) if os.path.isfile(args.fid_weights) else None
+        if not (isinstance(weights, dict) and weights
+                and all(isinstance(v, torch.Tensor) for v in weights.values())):
+            fail(f"--fid-weights {args.fid_weights}: not a file holding a state dict of tensors")
+    data, size = config["data"], config["model"]["input_size"]
+    if os.path.isabs(data) and not os.path.isdir(data):  # a folder (built-ins are names)
+        fail(f"--fid: the run trained on {data}, which is gone; FID needs those images")
+    reference, _, _ = load_data(data, data_dir(args, config), size)  # (N, 3, H, W) uint8
+    name = data if not os.path.isabs(data) else hashlib.sha1(data.encode()).hexdigest()[:12]
+    layer = FEATURE_EXTRACTORS_REGISTRY[FID_EXTRACTOR].get_default_feature_layer_for_metric("fid")
+    options = dict(feature_extractor=FID_EXTRACTOR, feature_extractor_weights_path=args.fid_weights,
+                   cuda=args.device.type == "cuda", verbose=False,
+                   save_cpu_ram=True)  # for FID: no loader workers, the images are in memory
     try:  # torch-fidelity downloads these weights on first use
-        torch_fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        torch_fidelity.utils.create_feature_extractor(FID_EXTRACTOR, [layer], **options)
     except Exception as error:
-        fail(f"--fid: torch-fidelity could not load its Inception weights "
-             f"({type(error).__name__}: {error}). Run once with internet access (they are cached "
-             f"under ~/.cache/torch), or write --npz "
-             f"and compute FID elsewhere")
-    return UInt8Images(reference.permute(0, 2, 3, 1))
+        fail(f"--fid: torch-fidelity could not load its Inception weights ({type(error).__name__}: "
+             f"{str(error).strip().splitlines()[0][:200]}); without internet, pass --fid-weights "
+             f"PATH")
+    # the reference's statistics are cached by torch-fidelity: computed once per dataset and size
+    return dict(options, input2=UInt8Images(reference.permute(0, 2, 3, 1)),
+                input2_cache_name=f"layersync-{name}-{size}px-{len(reference)}")
 
 
-def compute_fid(images: torch.Tensor, reference, device) -> float:
-    """FID of the samples against the 50,000 CIFAR-10 training images (torch-fidelity)."""
+def compute_fid(images: torch.Tensor, options: dict) -> float:
+    """FID of uint8 samples (N, H, W, 3) against the reference of prepare_fid (torch-fidelity)."""
     import torch_fidelity
-    metrics = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(images), input2=reference, input2_cache_name="layersync-cifar10-train",
-        fid=True, cuda=device.type == "cuda", verbose=False)
+    metrics = torch_fidelity.calculate_metrics(input1=UInt8Images(images), fid=True, **options)
     return metrics["frechet_inception_distance"]
+
+
+def read_fid_rows(path: str) -> list:
+    """fid.csv's rows as text; a row cut short by a kill is skipped."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get("seed") not in (None, "")]
+
+
+def fid_of_run(args):
+    """Every snapshot of a run not yet scored with these settings, oldest first, one fid.csv row
+    each. Every snapshot of every run sees the same noise and labels (--seed), so arms differ only
+    by their weights. A row is written as soon as it is scored: an interruption loses none."""
+    folder, path = args.fid_run, os.path.join(args.fid_run, "fid.csv")
+    snapshots = {int(m[1]): os.path.join(folder, m[0]) for m in
+                 (re.fullmatch(r"ema_(\d+)\.pt", name) for name in os.listdir(folder)) if m}
+    if os.path.isfile(os.path.join(folder, "last.pt")):  # its step, unless a snapshot has it
+        snapshots.setdefault(load_checkpoint(folder)["step"], os.path.join(folder, "last.pt"))
+    if not snapshots:
+        fail(f"--fid {folder}: no checkpoint in it (ema_<step>.pt or last.pt of train_cifar.py)")
+    settings = {"n": args.n or 10_000, "method": args.method, "steps": args.steps,
+                "cfg_scale": args.cfg_scale, "seed": args.seed}
+    done = {row["step"] for row in read_fid_rows(path)
+            if all(row[k] == str(v) for k, v in settings.items())}
+    todo = [(step, snapshots[step]) for step in sorted(snapshots) if str(step) not in done]
+    if not todo:
+        return print(f"{path}: every snapshot is already scored with these settings")
+    options = None
+    for step, snapshot in todo:
+        loaded = load_model(args, snapshot)
+        if options is None:  # before any sampling
+            check_sampling(args, loaded.model)
+            options = prepare_fid(args, loaded.config)
+            labels = torch.arange(settings["n"]) % loaded.model.num_classes
+        fid = compute_fid(generate(args, loaded, labels), options)
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, FID_FIELDS)
+            writer.writeheader() if new else None
+            writer.writerow({"step": step, "fid": f"{fid:.6g}", **settings})
+        print(f"step {step}: FID {fid:.2f} ({settings['n']} samples, {args.method} {args.steps} "
+              f"steps) -> {path}")
+
+
+def data_dir(args, config: dict) -> str:
+    """Where CIFAR-10 is: --data-dir, else where the run found it, else ./data."""
+    return args.data_dir or config.get("flags", {}).get("data_dir", "./data")
+
+
+def check_sampling(args, model):
+    num_classes = model.num_classes
+    if args.class_label is not None and not 0 <= args.class_label < num_classes:
+        fail(f"--class-label {args.class_label}: the model has classes 0..{num_classes - 1}")
+    if args.cfg_scale != 1 and not model.has_null_class:
+        fail(f"--cfg-scale {args.cfg_scale}: this model was trained without label dropout, so it "
+             f"has no null class to guide with; use --cfg-scale 1")
 
 
 # ------------------------------------------------------------------ the probe of one checkpoint
@@ -258,11 +361,11 @@ def probe_checkpoint(args, loaded: Loaded, vae=None):
              "class_dropout_prob=0)")
     if args.probe_data:  # a latent model sees 8x smaller latents of its images (SD-VAE)
         size = config["model"]["input_size"] * (8 if vae else 1)
-        images, labels, _ = load_data(args.probe_data, args.data_dir, size)
+        images, labels, _ = load_data(args.probe_data, data_dir(args, config), size)
         to_input = (lambda pixels: encode(vae, pixels, args.device)) if vae else to_unit
-        data = probe_split(args.probe_data, args.data_dir, images, labels, to_input)
+        data = probe_split(args.probe_data, data_dir(args, config), images, labels, to_input)
     else:
-        data = probe_data(config, args.data_dir)
+        data = probe_data(config, data_dir(args, config))
     pairs = config.get("layersync_pairs") or []
     teacher = pairs[0][1] if pairs else None
     probe = run_probe(model, data, args.probe_t, pairs, loaded.precision)
@@ -294,7 +397,7 @@ def what(loaded: Loaded) -> str:
 # mean over the arm's seeds with its spread (min..max), because two seeds of one configuration can
 # differ as much as LayerSync and the baseline do at small scale.
 
-Run = namedtuple("Run", "name config metrics probes grid")  # probes: {step: BlockProbe}
+Run = namedtuple("Run", "name config metrics probes grid fid")  # probes, fid: {step: ...}
 Arm = namedtuple("Arm", "label runs student teacher")
 
 
@@ -316,18 +419,26 @@ def read_run(folder: str) -> Run:
                     if row.get(table):
                         getattr(probe, table).setdefault(t, {})[k] = float(row[table])
     grids = sorted(glob.glob(os.path.join(folder, "samples_*.png")))
+    rows = read_fid_rows(os.path.join(folder, "fid.csv"))  # the settings of its last row
+    same = [row for row in rows if all(row[k] == rows[-1][k] for k in FID_FIELDS[3:] + ["n"])]
     return Run(os.path.basename(os.path.normpath(folder)), load_checkpoint(ckpt_path)["config"],
-               metrics, probes, grids[-1] if grids else None)
+               metrics, probes, grids[-1] if grids else None,
+               {int(row["step"]): float(row["fid"]) for row in same})
 
 
 def group_into_arms(runs: list) -> list:
     """Runs grouped by their config without the seed, in the order given, each arm labelled by
     its LayerSync weight (and, where two arms share it, by the settings that tell them apart)."""
-    groups = {}
+    groups, seen = {}, {}
     for run in runs:
         # "flags" repeats the config, with the seed and the output cadence: not part of the arm
         key = json.dumps({k: v for k, v in run.config.items() if k not in ("seed", "flags")},
                          sort_keys=True)
+        twin = seen.setdefault((key, run.config["seed"]), run)
+        if twin is not run:  # the same config and seed: one seed, not two
+            print(f"note: {run.name} repeats {twin.name} (same config, seed "
+                  f"{run.config['seed']}): counted once")
+            continue
         groups.setdefault(key, []).append(run)
     kinds = []
     for members in groups.values():
@@ -378,13 +489,15 @@ def compare_table(arms: list) -> str:
         lines.append(f"  {arm.label}: {len(arm.runs)} seed(s): {seeds}")
     width = max(24, *(len(arm.label) for arm in arms))
     lines.append(f"{'arm':<{width}} {'seeds':>5} {'step':>7} {'fm':>26} {'layersync':>27} "
-                 f"{'student':>7} {'teacher':>7}")
+                 f"{'student':>7} {'teacher':>7} {'FID at the last scored step':>28}")
     for arm in arms:
         last = [run.metrics[-1] for run in arm.runs if run.metrics]
         steps = "/".join(sorted({f"{row['step']:.0f}" for row in last})) or "-"
         fm, sync = (spread([row[key] for row in last], 4) for key in ("fm", "layersync"))
+        fid = spread([run.fid[max(run.fid)] for run in arm.runs if run.fid], 2)
         lines.append(f"{arm.label:<{width}} {len(arm.runs):>5} {steps:>7} {fm:>26} {sync:>27} "
-                     f"{arm.student!s:>7} {arm.teacher!s:>7}")
+                     f"{arm.student!s:>7} {arm.teacher!s:>7} {fid:>28}")
+    lines += speedup_lines(arms)
     probed = [run for arm in arms for run in arm.runs if run.probes]
     ts = sorted({t for run in probed for t in last_probe(run).accuracy}, reverse=True)
     cell = max(22, *(len(arm.label) for arm in arms))
@@ -424,11 +537,45 @@ def over_seeds(curves: list) -> tuple:
             [max(c) for c in columns])
 
 
+def fid_curve(arm: Arm) -> tuple:
+    return over_seeds([run.fid for run in arm.runs if run.fid])
+
+
+def first_step_at_or_below(xs: list, ys: list, target: float):
+    """The first x at which the curve reaches `target`, linear between points; None: never."""
+    if ys and ys[0] <= target:
+        return xs[0]
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+        if y1 <= target:  # y0 > target, or the previous point would have answered
+            return x0 + (y0 - target) / (y0 - y1) * (x1 - x0)
+    return None
+
+
+def speedup_lines(arms: list) -> list:
+    """The paper's speed-up, per LayerSync arm: the first step at which its mean FID reaches the
+    baseline's final mean FID, against the baseline's last scored step."""
+    baseline = next((arm for arm in arms if arm.runs[0].config["layersync_weight"] == 0), None)
+    steps, mean, _, _ = fid_curve(baseline) if baseline else ([], [], [], [])
+    if not steps:
+        return []
+    lines = [f"FID over training (fid.csv), mean over seeds; the baseline ends at FID "
+             f"{mean[-1]:.2f} at step {steps[-1]:,}:"]
+    for arm in arms:
+        xs, ys, _, _ = fid_curve(arm)
+        if arm is baseline or not xs:
+            continue
+        step = first_step_at_or_below(xs, ys, mean[-1])
+        lines.append(f"  {arm.label}: " + (f"not reached within {xs[-1]:,} steps" if step is None
+                     else f"reaches the baseline's FID {mean[-1]:.2f} at step {step:,.0f}: "
+                          f"{steps[-1] / step:.2f}x fewer steps"))
+    return lines
+
+
 def compare_figure(arms: list, path: str):
-    """Five panels, each the mean over an arm's seeds with a min..max band: (a) losses, (b) the
-    probe of every block, (c) the student block over training, (d) every block's cosine to the
-    teacher, (e) every block's relative update, (f) each arm's last sample grid. Colour = arm,
-    line style = what or which t."""
+    """Panels, each the mean over an arm's seeds with a min..max band: (a) losses, the flow-matching
+    loss relative to the baseline's, (b) the probe of every block, (c) the student block over
+    training, (d) every block's cosine to the teacher, (e) every block's relative update, (f) each
+    arm's last sample grid, (g) FID over training. Colour = arm, line style = what or which t."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -439,9 +586,9 @@ def compare_figure(arms: list, path: str):
     styles = ["-", "--", ":", "-."]
     ts = sorted({t for arm in arms for run in arm.runs for probe in run.probes.values()
                  for t in probe.accuracy}, reverse=True)
-    fig = plt.figure(figsize=(20, 11), layout="constrained")
-    grid = fig.add_gridspec(2, 3)
-    ax_loss, ax_block, ax_student = (fig.add_subplot(grid[0, i]) for i in range(3))
+    fig = plt.figure(figsize=(26, 11), layout="constrained")
+    grid = fig.add_gridspec(2, 4)
+    ax_loss, ax_block, ax_student, ax_fid = (fig.add_subplot(grid[0, i]) for i in range(4))
     ax_cosine, ax_update = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
     ax_sync = ax_loss.twinx()
 
@@ -451,11 +598,18 @@ def compare_figure(arms: list, path: str):
         if any(lo != hi for lo, hi in zip(low, high)):
             ax.fill_between(xs, low, high, color=colour, alpha=0.2, linewidth=0)
 
+    reference = next((arm for arm in arms if arm.runs[0].config["layersync_weight"] == 0), arms[0])
+    base = dict(zip(*over_seeds([{row["step"]: row["fm"] for row in run.metrics}
+                                 for run in reference.runs])[:2]))
     for i, arm in enumerate(arms):
         colour = colours[i % len(colours)]
-        for key, ax, style in (("fm", ax_loss, "-"), ("layersync", ax_sync, "--")):
-            curves = [{row["step"]: row[key] for row in run.metrics} for run in arm.runs]
-            band(ax, over_seeds(curves), colour, style)
+        band(ax_loss, over_seeds([{row["step"]: 100 * (row["fm"] / base[row["step"]] - 1)
+                                   for row in run.metrics if row["step"] in base}
+                                  for run in arm.runs]), colour)
+        band(ax_sync, over_seeds([{row["step"]: row["layersync"] for row in run.metrics}
+                                  for run in arm.runs]), colour, "--")
+        if fid_curve(arm)[0]:
+            band(ax_fid, fid_curve(arm), colour, "-", "o")
         for j, t in enumerate(ts):
             style = styles[j % 4]
             for ax, table in ((ax_block, "accuracy"), (ax_cosine, "teacher_cosine"),
@@ -481,8 +635,9 @@ def compare_figure(arms: list, path: str):
     markers = [Line2D([], [], marker=m, color="grey", markeredgecolor="black", linestyle="none",
                       markersize=10, label=f"{role} block")
                for m, role in (("v", "student"), ("*", "teacher"))]
-    ax_loss.set(title="(a) training losses: mean over seeds, band = min..max", xlabel="step",
-                ylabel="flow-matching loss, Eq. 1 (solid, log scale)", yscale="log")
+    ax_loss.set(title=f"(a) training losses: mean over seeds, band = min..max;\nflow matching "
+                      f"relative to the mean of {reference.label}", xlabel="step",
+                ylabel=f"flow-matching loss, Eq. 1: % above {reference.label} (solid)")
     ax_sync.set_ylabel("LayerSync term, Eq. 2: -cosine (dashed)")
     ax_loss.legend(handles=arm_keys + [Line2D([], [], color="black", label="fm (left axis)"),
                                        Line2D([], [], color="black", linestyle="--",
@@ -504,7 +659,14 @@ def compare_figure(arms: list, path: str):
         ax.legend(handles=arm_keys + t_keys + markers, fontsize=9)
     ax_student.set(title="(c) the student block's probe accuracy over training", xlabel="step")
     ax_student.legend(handles=arm_keys + t_keys, fontsize=9)
-    pictures = grid[1, 2].subgridspec(1, len(arms))
+    ax_fid.set(title="(g) FID over training (sample.py --fid RUN_DIR), lower is better",
+               xlabel="step", ylabel="FID against the training data")
+    if any(run.fid for arm in arms for run in arm.runs):
+        ax_fid.legend(handles=arm_keys, fontsize=9)
+    else:
+        ax_fid.text(0.5, 0.5, "no fid.csv in these runs:\npython sample.py --fid RUN_DIR",
+                    ha="center", transform=ax_fid.transAxes)
+    pictures = grid[1, 2:].subgridspec(1, len(arms))
     for i, arm in enumerate(arms):
         ax = fig.add_subplot(pictures[0, i])
         ax.axis("off")
@@ -534,35 +696,29 @@ def main(argv=None):
     args = parse_args(argv)
     if args.compare:
         return compare(args)
+    if args.fid_run:
+        return fid_of_run(args)
     loaded = load_model(args)
     model, config = loaded.model, loaded.config
     latent = model.in_channels == 4  # SD-VAE latents, as the official models use
-    if args.fid and latent:
-        fail("--fid compares with CIFAR-10; for this ImageNet latent model write --npz and score "
-             "it with the ADM evaluation suite (openai/guided-diffusion, evaluations/), as the "
-             "paper did")
     if args.vae and not latent:
         fail(f"--vae {args.vae}: this model works on pixels, not latents; drop --vae")
     if args.probe and loaded.step is None and not args.probe_data:
         fail("--probe of official weights needs --probe-data FOLDER (one sub-folder of images per "
              "class, e.g. an ImageNet or Tiny-ImageNet subset)")
-    vae = load_vae(args) if latent else None
-    if args.probe:
-        probe_checkpoint(args, loaded, vae)
-        if not (args.grid or args.npz or args.fid):
-            return
     num_classes = config["model"]["num_classes"]
-    if args.class_label is not None and not 0 <= args.class_label < num_classes:
-        fail(f"--class-label {args.class_label}: the model has classes 0..{num_classes - 1}")
-    if args.cfg_scale != 1 and not model.has_null_class:
-        fail(f"--cfg-scale {args.cfg_scale}: this model was trained without label dropout, so it "
-             f"has no null class to guide with; use --cfg-scale 1")
-    reference = prepare_fid(config["model"], args.data_dir) if args.fid else None
+    check_sampling(args, model)
     rows = num_classes if args.class_label is None else 1  # one row per class
     n = args.n or 8 * rows
     if args.grid and n % rows:
         fail(f"--n {n} with --grid: the grid has one row per class, so give a multiple of the "
              f"{num_classes} classes, e.g. --n {8 * num_classes}, or one --class-label")
+    fid_options = prepare_fid(args, config) if args.fid else None
+    vae = load_vae(args) if latent else None
+    if args.probe:
+        probe_checkpoint(args, loaded, vae)
+        if not (args.grid or args.npz or args.fid):
+            return
     if args.class_label is None:
         labels = torch.arange(n) % num_classes
     else:
@@ -579,8 +735,8 @@ def main(argv=None):
         np.savez(args.npz, arr_0=images.numpy(), arr_1=labels.numpy())
         print(f"npz: {args.npz}")
     if args.fid:
-        fid = compute_fid(images, reference, args.device)
-        print(f"FID vs CIFAR-10 train ({len(images)} samples): {fid:.2f}")
+        fid = compute_fid(images, fid_options)
+        print(f"FID against {config['data']} ({len(images)} samples): {fid:.2f}")
 
 
 if __name__ == "__main__":

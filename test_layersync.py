@@ -780,8 +780,8 @@ def test_short_run_writes_checkpoint_metrics_and_grids(image_folder, tmp_path):
                                                  rel=1e-4)
     for step in (2, 4):
         grid = Image.open(out / f"samples_{step:07d}.png")
-        assert grid.size == (8 * 8 + 9 * 2,
-                             3 * 8 + 4 * 2)  # 8 columns, one row per class, 2 px padding
+        # 8 columns, one row per class, 2 px padding; 8x8 images drawn 8 times larger
+        assert grid.size == (8 * 64 + 9 * 2, 3 * 64 + 4 * 2)
 
 
 def test_resume_equals_uninterrupted_bit_for_bit(image_folder, tmp_path):
@@ -932,7 +932,7 @@ def test_trains_on_cifar10_format(tmp_path, monkeypatch):
                       "2"])
     ckpt = checkpoint(out)
     assert ckpt["config"]["model"]["num_classes"] == 10 and ckpt["config"]["classes"][9] == "truck"
-    assert Image.open(out / "samples_0000002.png").size == (8 * 32 + 18, 10 * 32 + 22)
+    assert Image.open(out / "samples_0000002.png").size == (8 * 64 + 18, 10 * 64 + 22)  # 2x
     # the probe fits on the training split and scores on test_batch: 3 blocks x 2 noise levels
     assert len(list(csv.DictReader(open(out / "probe.csv")))) == 6
 
@@ -1395,11 +1395,15 @@ def test_sample_writes_grid_and_adm_npz(image_folder, tmp_path):
     # the grid: one row per class, as in training; by default 8 images per class
     sample_script.main(["--ckpt", ckpt, "--steps", "2", "--grid", grid, "--npz", npz,
                         "--device", "cpu"])
-    assert Image.open(grid).size == (8 * 8 + 9 * 2, 3 * 8 + 4 * 2)
+    assert Image.open(grid).size == (8 * 64 + 9 * 2, 3 * 64 + 4 * 2)
     pixels, labels = np.asarray(Image.open(grid)), np.load(npz)["arr_1"]
-    first_row = [pixels[2:10, 2 + 10 * i:10 + 10 * i] for i in range(8)]
+    # each 8x8 image drawn 8x larger by nearest neighbour: every 8th pixel is the image
+    first_row = [pixels[2:66:8, 2 + 66 * i:66 + 66 * i:8] for i in range(8)]
+    blocks = [pixels[2:66, 2 + 66 * i:66 + 66 * i] for i in range(8)]
     by_class = np.load(npz)["arr_0"][labels == 0]  # class 0's images, in drawing order
     assert all(np.array_equal(cell, image) for cell, image in zip(first_row, by_class))
+    assert all(np.array_equal(block, image.repeat(8, 0).repeat(8, 1))
+               for block, image in zip(blocks, by_class))
     assert "a multiple of the 3 classes" in run_error(["--ckpt", ckpt, "--n", "7", "--grid", grid],
                                                       sample_script.main)
     # the same seed gives the same images whatever the batch size; --class-label fixes the class
@@ -1491,6 +1495,244 @@ def test_a_baseline_measures_the_teacher_cosine_of_the_default_pair(image_folder
     teacher = [float(r["teacher_cosine"]) for r in rows if r["block"] == "2"]
     assert teacher == pytest.approx([1.0, 1.0], abs=1e-5)  # the teacher block against itself
 
+
+# ================================================================ 6a. FID over training
+#
+# The real Inception needs its weights (a download) and about a second per image here, so these
+# tests go through torch-fidelity's own code with a small registered stand-in: each image's mean
+# colour (3 features). FID is then a number checkable by hand.
+
+STAND_IN = "layersync-test-colour-stats"
+
+
+def colour_stats(images: torch.Tensor) -> torch.Tensor:
+    """The stand-in's features of uint8 images (N, 3, H, W): the mean colour, in [0, 1]."""
+    return images.double().mean((2, 3)) / 255
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID's formula, by hand: |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))."""
+    import scipy.linalg
+    mu_a, mu_b = a.mean(0).numpy(), b.mean(0).numpy()
+    s_a, s_b = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    root = scipy.linalg.sqrtm(s_a @ s_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * root))
+
+
+@pytest.fixture
+def fid_stand_in(monkeypatch, tmp_path):
+    """sample.py's FID with the stand-in extractor, its cache under tmp_path; yields the list of
+    batch sizes the extractor saw, to tell a cached reference from a recomputed one."""
+    torch_fidelity = pytest.importorskip("torch_fidelity")
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    seen = []
+
+    class ColourStats(FeatureExtractorBase):
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **_):
+            super().__init__(name, features_list)
+            self.register_buffer("mix", torch.eye(3, dtype=torch.float64))
+            if feature_extractor_weights_path:  # the file --fid-weights hands over
+                self.mix = torch.load(feature_extractor_weights_path, weights_only=True)["mix"]
+
+        def forward(self, x):
+            seen.append(len(x))
+            return (colour_stats(x) @ self.mix,)
+
+        get_provided_features_list = staticmethod(lambda: ("colour",))
+        get_default_feature_layer_for_metric = staticmethod(lambda metric: "colour")
+        can_be_compiled = staticmethod(lambda: False)
+        get_dummy_input_for_compile = staticmethod(lambda: None)
+
+    FEATURE_EXTRACTORS_REGISTRY.pop(STAND_IN, None)
+    torch_fidelity.register_feature_extractor(STAND_IN, ColourStats)
+    monkeypatch.setattr(sample_script, "FID_EXTRACTOR", STAND_IN)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    yield seen
+    FEATURE_EXTRACTORS_REGISTRY.pop(STAND_IN, None)
+
+
+def fid_rows(run):
+    return list(csv.DictReader(open(os.path.join(run, "fid.csv"))))
+
+
+def test_keep_every_writes_ema_snapshots_through_a_resume(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train(image_folder, out, "--steps", "5", "--keep-every", "2")
+    assert sorted(p for p in os.listdir(out) if p.startswith("ema_")) == [
+        "ema_0000002.pt", "ema_0000004.pt", "ema_0000005.pt"]  # every 2 steps and at the end
+    snapshot = torch.load(out / "ema_0000005.pt", weights_only=True)
+    assert set(snapshot) == {"ema", "step", "config"} and snapshot["step"] == 5
+    assert all(torch.equal(snapshot["ema"][k], checkpoint(out)["ema"][k]) for k in snapshot["ema"])
+    assert snapshot["config"] == checkpoint(out)["config"]
+    train_cifar.main(["--out", str(out), "--resume", "--steps", "6"])  # --keep-every 2 kept
+    assert (out / "ema_0000006.pt").exists() and not (out / "ema_0000003.pt").exists()
+    train(image_folder, tmp_path / "none", "--steps", "2", "--keep-every", "0")
+    assert not [p for p in os.listdir(tmp_path / "none") if p.startswith("ema_")]
+    assert checkpoint(tmp_path / "none")["config"]["flags"]["keep_every"] == 0
+
+
+def test_fid_of_a_run_appends_a_row_per_snapshot_and_skips_on_rerun(image_folder, tmp_path,
+                                                                     fid_stand_in, monkeypatch):
+    out = tmp_path / "run"
+    train(image_folder, out, "--steps", "4", "--keep-every", "2")
+    score = ["--fid", str(out), "--n", "12", "--steps", "2", "--device", "cpu"]
+    real_generate, samples = sample_script.generate, []
+
+    def generate(*args):
+        samples.append(real_generate(*args))
+        return samples[-1]
+    monkeypatch.setattr(sample_script, "generate", generate)
+    sample_script.main(score)
+    rows = fid_rows(out)
+    assert list(rows[0]) == ["step", "n", "fid", "method", "steps", "cfg_scale", "seed"]
+    assert [(r["step"], r["n"], r["method"], r["steps"], r["seed"]) for r in rows] == [
+        ("2", "12", "heun", "2", "0"), ("4", "12", "heun", "2", "0")]
+    # the number: Frechet distance of the stand-in's features, samples against the training data
+    reference, _, _ = train_cifar.load_data(image_folder, "unused", 8)
+    for row, images in zip(rows, samples):
+        features = colour_stats(images.permute(0, 3, 1, 2))
+        expected = frechet_distance(features, colour_stats(reference))
+        assert float(row["fid"]) == pytest.approx(expected, rel=1e-3, abs=1e-4)
+    # the same noise and labels for every snapshot: a different model, the same starting point
+    assert not torch.equal(samples[0], samples[1])
+    reference_passes = len(fid_stand_in)
+    sample_script.main(score)  # a rerun: nothing new, nothing sampled
+    assert len(fid_rows(out)) == 2 and len(samples) == 2
+    train_cifar.main(["--out", str(out), "--resume", "--steps", "6"])
+    sample_script.main(score)  # only the new snapshot, and the reference comes from the cache
+    assert [r["step"] for r in fid_rows(out)] == ["2", "4", "6"] and len(samples) == 3
+    assert fid_stand_in[reference_passes:] == [12]
+    # an interruption while scoring keeps every row written before it
+    monkeypatch.setattr(sample_script, "compute_fid", lambda images, options: [][0]
+                        if len(samples) == 5 else 1.5)
+    with pytest.raises(IndexError):
+        sample_script.main([*score[:3], "6", *score[4:]])  # --n 6: new settings, all 3 again
+    assert [(r["step"], r["n"]) for r in fid_rows(out)][3:] == [("2", "6")]
+    sample_script.main([*score[:3], "6", *score[4:]])
+    assert [(r["step"], r["n"]) for r in fid_rows(out)][3:] == [("2", "6"), ("4", "6"), ("6", "6")]
+
+
+def test_fid_of_a_run_scores_last_pt_where_no_snapshot_has_its_step(image_folder, tmp_path,
+                                                                    fid_stand_in):
+    out = tmp_path / "run"
+    train(image_folder, out, "--steps", "3", "--keep-every", "0")
+    sample_script.main(["--fid", str(out), "--n", "6", "--steps", "1", "--device", "cpu"])
+    assert [r["step"] for r in fid_rows(out)] == ["3"]
+    # one file still prints one number, and writes no row
+    sample_script.main(["--fid", str(out / "last.pt"), "--n", "6", "--steps", "1",
+                        "--device", "cpu"])
+    assert len(fid_rows(out)) == 1
+
+
+def test_fid_refusals_are_one_line_before_any_sampling(image_folder, tmp_path, fid_stand_in,
+                                                       monkeypatch):
+    out = tmp_path / "run"
+    train(image_folder, out, "--steps", "2", "--keep-every", "2")
+    monkeypatch.setattr(sample_script, "generate", lambda *a: pytest.fail("sampled"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+
+    class Planted:
+        def __reduce__(self):  # loading this with pickle would create a file
+            return (open, (str(tmp_path / "planted"), "w"))
+    torch.save({"mix": Planted()}, tmp_path / "code.pt")
+    torch.save({"mix": torch.eye(3), "note": "text"}, tmp_path / "mixed.pt")
+    torch.save([torch.eye(3)], tmp_path / "list.pt")
+    before = sorted(os.listdir(tmp_path)), sorted(os.listdir(out))
+    for argv, fragments in (
+            (["--fid", "empty"], ["--fid empty", "no checkpoint"]),
+            (["--fid", str(out), "--fid-weights", "missing.pt"], ["--fid-weights missing.pt"]),
+            (["--fid", str(out), "--fid-weights", "mixed.pt"], ["--fid-weights mixed.pt"]),
+            (["--fid", str(out), "--fid-weights", "list.pt"], ["--fid-weights list.pt"]),
+            (["--fid", str(out), "--fid-weights", "code.pt"], ["code.pt", "not loaded"])):
+        error = run_error([*argv, "--device", "cpu"], sample_script.main)
+        assert error.startswith("error: ") and "\n" not in error, error
+        assert all(fragment in error for fragment in fragments), error
+    assert not (tmp_path / "planted").exists()  # the unsafe file ran nothing
+    # the run's own training data is gone: named, and no data/ folder left behind
+    os.rename(image_folder, tmp_path / "moved")
+    error = run_error(["--fid", str(out), "--device", "cpu"], sample_script.main)
+    assert "\n" not in error and os.path.realpath(image_folder) in error
+    assert (sorted(os.listdir(tmp_path)), sorted(os.listdir(out))) == (
+        sorted(set(before[0]) - {"images"} | {"moved"}), before[1])
+    os.rename(tmp_path / "moved", image_folder)
+    # weights that torch-fidelity cannot load, or download offline: the message names --fid-weights
+    monkeypatch.setattr(sample_script, "FID_EXTRACTOR", "inception-v3-compat")
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    def offline(*_, **__):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
+    torch.save({"mix": torch.eye(3)}, tmp_path / "mixed.pt")  # a state dict, not Inception's
+    for extra in ([], ["--fid-weights", "mixed.pt"]):
+        error = run_error(["--fid", str(out), "--device", "cpu", *extra], sample_script.main)
+        assert "\n" not in error and "--fid-weights" in error, error
+    assert not (out / "fid.csv").exists()
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed
+    error = run_error(["--fid", str(out), "--device", "cpu"], sample_script.main)
+    assert "pip install torch-fidelity" in error and "\n" not in error
+
+
+def test_fid_weights_reach_the_feature_extractor(image_folder, tmp_path, fid_stand_in,
+                                                 monkeypatch):
+    """--fid-weights is read safely, then handed to torch-fidelity's extractor: here a feature
+    mix that doubles every feature doubles every distance, so FID x 4."""
+    out = tmp_path / "run"
+    train(image_folder, out, "--steps", "2", "--keep-every", "2")
+    torch.save({"mix": 2 * torch.eye(3, dtype=torch.float64)}, tmp_path / "double.pt")
+    common = ["--n", "9", "--steps", "1", "--device", "cpu"]
+    sample_script.main(["--fid", str(out), *common])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "other_cache"))  # other features: new cache
+    (out / "fid.csv").rename(tmp_path / "plain.csv")
+    sample_script.main(["--fid", str(out), *common, "--fid-weights", str(tmp_path / "double.pt")])
+    plain = float(list(csv.DictReader(open(tmp_path / "plain.csv")))[0]["fid"])
+    assert float(fid_rows(out)[0]["fid"]) == pytest.approx(4 * plain, rel=1e-4)
+
+
+def fid_run(name: str, weight: float, seed: int, fid: dict, metrics=None) -> "sample_script.Run":
+    config = {"layersync_weight": weight, "seed": seed, "layersync_pairs": [[1, 2]]}
+    return sample_script.Run(name, config, metrics or [], {}, None, fid)
+
+
+def test_speedup_is_read_off_the_mean_fid_curves():
+    base = sample_script.Arm("baseline", [fid_run("b0", 0, 0, {10: 50, 20: 40, 40: 30}),
+                                          fid_run("b1", 0, 1, {10: 52, 20: 42, 40: 32})], 1, 2)
+    # mean 40 at step 10 and 30 at step 20: the baseline's final 31 is crossed at step 19
+    fast = sample_script.Arm("LayerSync lambda 0.2", [fid_run("s0", .2, 0, {10: 41, 20: 29}),
+                                                      fid_run("s1", .2, 1, {10: 39, 20: 31})], 1, 2)
+    slow = sample_script.Arm("LayerSync lambda 0.5", [fid_run("t0", .5, 0, {10: 45, 20: 35})],
+                             1, 2)
+    early = sample_script.Arm("LayerSync lambda 0.3", [fid_run("e0", .3, 0, {10: 30, 20: 20})],
+                              1, 2)
+    lines = sample_script.speedup_lines([base, fast, slow, early])
+    assert "baseline ends at FID 31.00 at step 40" in lines[0]
+    assert lines[1].endswith("reaches the baseline's FID 31.00 at step 19: 2.11x fewer steps")
+    assert lines[2].endswith("LayerSync lambda 0.5: not reached within 20 steps")
+    assert lines[3].endswith("at step 10: 4.00x fewer steps")
+    assert sample_script.speedup_lines([fast, slow]) == []  # no baseline arm, no speed-up
+    no_fid = sample_script.Arm("baseline", [fid_run("b", 0, 0, {})], 1, 2)
+    assert sample_script.speedup_lines([no_fid, fast]) == []
+
+
+def test_compare_draws_fid_counts_a_repeated_seed_once(image_folder, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    common = ["--steps", "4", "--probe-every", "0", "--sample-every", "4", "--log-every", "2"]
+    for name, extra in (("b0", ["--layersync-weight", "0"]),
+                        ("b0again", ["--layersync-weight", "0"]), ("s0", [])):
+        train(image_folder, tmp_path / name, *common, *extra)
+    for name, fids in (("b0", {2: 9.0, 4: 7.0}), ("s0", {2: 8.0, 4: 6.0})):
+        with open(tmp_path / name / "fid.csv", "w") as f:
+            f.write("step,n,fid,method,steps,cfg_scale,seed\n")
+            f.writelines(f"{step},100,{fid},heun,50,1.0,0\n" for step, fid in fids.items())
+    capsys.readouterr()
+    figure = tmp_path / "compare.png"
+    sample_script.main(["--compare", *(str(tmp_path / n) for n in ("b0", "b0again", "s0")),
+                        "--figure", str(figure)])
+    out = capsys.readouterr().out
+    assert "note: b0again repeats b0" in out and "baseline: 1 seed(s): b0 (seed 0)" in out
+    assert "reaches the baseline's FID 7.00 at step 3: 1.33x fewer steps" in out
+    assert Image.open(figure).size[0] > 2000
 
 # ================================================================ 6b. the official weights
 #
@@ -1598,7 +1840,7 @@ def test_sample_reads_the_three_kinds_of_checkpoint(image_folder, tmp_path):
     grid = tmp_path / "grid.png"
     sample_script.main(["--ckpt", str(tmp_path / "run"), "--steps", "2", "--grid", str(grid),
                         "--device", "cpu"])
-    assert Image.open(grid).size == (8 * 8 + 9 * 2, 3 * 8 + 4 * 2)
+    assert Image.open(grid).size == (8 * 64 + 9 * 2, 3 * 64 + 4 * 2)
     # --probe-data probes a run on another folder (here its own images, from another path)
     other = tmp_path / "other_folder"
     os.symlink(image_folder, other)
@@ -1614,6 +1856,26 @@ def test_sample_reads_the_three_kinds_of_checkpoint(image_folder, tmp_path):
     assert len(rows) == 3 * 2 and {r["block"] for r in rows} == {"1", "2", "3"}
     teacher = [float(r["teacher_cosine"]) for r in rows if r["block"] == "3"]
     assert teacher == pytest.approx([1.0, 1.0], abs=1e-5)  # args' pair 1 <- 3
+
+
+def test_official_pair_beyond_the_depth_falls_back_to_the_default_pair(image_folder, tmp_path,
+                                                                       capsys):
+    """An official train.py checkpoint whose args name a block the model lacks (the paper's
+    --gt-encoder-depth 16 on a 3-block model): the probe takes the default pair, with a note."""
+    import argparse
+    ema = official_state_dict(latent_sit())
+    torch.save({"model": ema, "ema": ema, "opt": {},
+                "args": argparse.Namespace(encoder_depth=8, gt_encoder_depth=16)},
+               tmp_path / "deep.pt")
+    csv_path = tmp_path / "probe.csv"
+    sample_script.main(["--ckpt", str(tmp_path / "deep.pt"), "--vae", tiny_vae(tmp_path / "vae"),
+                        "--probe", "--probe-data", image_folder, "--probe-csv", str(csv_path),
+                        "--device", "cpu", "--num-heads", "4"])
+    assert "note:" in capsys.readouterr().out
+    teacher = str(L.default_layersync_pair(3)[1])
+    cosines = [float(r["teacher_cosine"]) for r in csv.DictReader(open(csv_path))
+               if r["block"] == teacher]
+    assert cosines == pytest.approx([1.0, 1.0], abs=1e-5)
 
 
 def test_sample_refuses_files_it_cannot_read_in_one_line(tmp_path, monkeypatch):
@@ -1673,7 +1935,8 @@ def test_two_processes_train_like_one_and_resume_exactly(image_folder, tmp_path)
                         "--steps", "20")
     assert straight.returncode == 0, straight.stderr[-2000:]
     assert straight.stdout.count("all 2 ranks hold identical weights") == 1  # by hash, said once
-    assert sorted(os.listdir(tmp_path / "two")) == ["last.pt", "metrics.csv", "samples_0000020.png"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["ema_0000020.pt", "last.pt", "metrics.csv",
+                                                    "samples_0000020.png"]
     two = [r for r in csv.DictReader(open(tmp_path / "two" / "metrics.csv"))]
     assert [int(r["step"]) for r in two] == [4, 8, 12, 16, 20]  # one writer, no duplicate rows
     # 10 steps, then a resume to 20, under 2 processes: bit-identical to 20 straight

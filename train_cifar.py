@@ -6,8 +6,9 @@
     torchrun --standalone --nproc_per_node=8 train_cifar.py ...        # the same, on 8 GPUs (DDP)
 
 A run writes to --out: metrics.csv, probe.csv (a linear probe of every block), samples_<step>.png
-(EMA model, fixed noise, one row per class) and last.pt (model, EMA, optimizer, step, config, RNG
-states); --resume continues it. Ctrl-C or SIGTERM saves and stops.
+(EMA model, fixed noise, one row per class), ema_<step>.pt (EMA snapshots, for FID over training)
+and last.pt (model, EMA, optimizer, step, config, RNG states); --resume continues it. Ctrl-C or
+SIGTERM saves and stops.
 
 Read in order: the flags, the data, the training step, train(), the checkpoints. To see how
 LayerSync is trained, jump to the section "the training step": train_step is one AdamW step on
@@ -22,6 +23,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import sys
 import time
@@ -155,6 +157,9 @@ def parse_args(argv=None):
     r.add_argument("--sample-steps", type=count("--sample-steps"), default=50,
                    help="Heun steps for the sample grids")
     r.add_argument("--ckpt-every", type=count("--ckpt-every"), default=5_000)
+    r.add_argument("--keep-every", type=in_range("--keep-every", int, 0), default=10_000,
+                   help="keep the EMA weights as <out>/ema_<step>.pt, for sample.py --fid RUN_DIR "
+                        "(0 = none)")
     r.add_argument("--probe-every", type=in_range("--probe-every", int, 0),
                    help="linear probe of every block into <out>/probe.csv "
                         "(default: --sample-every; 0 = off)")
@@ -182,7 +187,8 @@ def parse_args(argv=None):
 RUN_FLAGS = ("data", "data_dir", "image_size", "hflip", "model", "depth", "hidden_size",
              "num_heads", "patch_size", "layersync_weight", "layersync_pairs", "steps",
              "batch_size", "lr", "weight_decay", "grad_clip", "ema_decay", "seed", "precision",
-             "log_every", "sample_every", "sample_steps", "ckpt_every", "probe_every", "probe_t")
+             "log_every", "sample_every", "sample_steps", "ckpt_every", "keep_every", "probe_every",
+             "probe_t")
 
 
 def flags_from_checkpoint(parser, argv, args):
@@ -285,9 +291,12 @@ def to_pixels(x: torch.Tensor) -> torch.Tensor:
 
 def load_cifar10(data_dir: str, train: bool = True):
     from torchvision.datasets import CIFAR10
+    existed = os.path.exists(data_dir)
     try:
         data = CIFAR10(data_dir, train=train, download=True)
     except Exception as error:  # offline, a broken archive, a truncated batch file
+        if not existed:  # the failed download made it: a refusal leaves nothing behind
+            shutil.rmtree(data_dir, ignore_errors=True)
         fail(f"could not load CIFAR-10 from {os.path.abspath(data_dir)} ({type(error).__name__}: "
              f"{error}). Without internet, download cifar-10-python.tar.gz from "
              f"https://www.cs.toronto.edu/~kriz/cifar.html and put it in that folder (it is "
@@ -538,9 +547,12 @@ def grid_inputs(config: dict, device, columns: int = 8) -> GridInputs:
 
 
 def save_grid(pixels: torch.Tensor, path: str, columns: int):
-    """uint8 images (N, 3, H, W) as one PNG/JPEG grid, `columns` to a row."""
+    """uint8 images (N, 3, H, W) as one PNG/JPEG grid, `columns` to a row; images under 64 pixels
+    are enlarged (nearest neighbour), so that a sample can be judged by eye."""
     from PIL import Image
     from torchvision.utils import make_grid
+    scale = max(1, 64 // pixels.shape[-1])
+    pixels = pixels.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
     Image.fromarray(make_grid(pixels.cpu(), nrow=columns).permute(1, 2, 0).numpy()).save(path)
 
 
@@ -605,6 +617,9 @@ def train(args):
             if due(args.ckpt_every) or stop_signal:
                 non_finite.check()
                 save(ckpt_path, parts, step, run.config, batches)
+            # an EMA snapshot kept for good: FID over training (sample.py --fid RUN_DIR)
+            if args.keep_every and due(args.keep_every):
+                save(os.path.join(args.out, f"ema_{step:07d}.pt"), parts, step, run.config)
             # a grid of EMA samples, the same noise and labels every time
             if due(args.sample_every):
                 non_finite.check()
@@ -689,13 +704,16 @@ def describe_run(args, run, model, pairs: list) -> str:
 # ------------------------------------------------------------------ checkpoints
 
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config", "rng"}
+SNAPSHOT_KEYS = {"ema", "step", "config"}
 
 
-def save(path: str, parts: Parts, step: int, config: dict, batches):
-    """The whole training state, written by rank 0; a failed write stops every rank, in one line."""
-    state = {"model": parts.model.state_dict(), "ema": parts.ema.state_dict(),
-             "optimizer": parts.optimizer.state_dict(), "step": step, "config": config,
-             "rng": rng_state(batches)}
+def save(path: str, parts: Parts, step: int, config: dict, batches=None):
+    """The whole training state, or without `batches` an EMA snapshot (ema, step, config), written
+    by rank 0; a failed write stops every rank, in one line."""
+    state = {"ema": parts.ema.state_dict(), "step": step, "config": config}
+    if batches is not None:
+        state.update(model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
+                     rng=rng_state(batches))
     error = None
     if master_process:
         try:
@@ -753,8 +771,9 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def is_run_checkpoint(checkpoint) -> bool:
-    return (isinstance(checkpoint, dict) and CHECKPOINT_KEYS <= checkpoint.keys()
+def is_run_checkpoint(checkpoint, keys=CHECKPOINT_KEYS) -> bool:
+    """keys=SNAPSHOT_KEYS: a checkpoint or an EMA snapshot."""
+    return (isinstance(checkpoint, dict) and keys <= checkpoint.keys()
             and isinstance(checkpoint["config"], dict) and "model" in checkpoint["config"])
 
 
