@@ -30,12 +30,15 @@ import torch
 from tqdm import tqdm
 
 from layersync import BlockProbe, SiT, check_layersync_pairs, default_layersync_pair
-from layersync import guided_velocity, sample, sit_from_official
-# the trainer's own formats (checkpoint, data, CSV, pixels, probe) and its flag checks
-from train_cifar import (SNAPSHOT_KEYS, autocast, device_arg, fail, is_run_checkpoint,
-                         load_checkpoint, load_data, probe_data, probe_levels, probe_split,
-                         read_torch_file, run_probe, save_grid, to_pixels, to_unit,
-                         write_probe_csv)
+from layersync import sit_from_official
+# the trainer's own formats (files, data, the probe, samples as pixels) and two of its flag checks
+from train_cifar import (device_arg, load_data, probe_levels, probe_split, read_torch_file,
+                         run_probe, sample_pixels, save_grid)
+
+
+def fail(message: str):
+    """Stop with a one-line message (no traceback), as train_cifar.py does."""
+    raise SystemExit(f"error: {message}")
 
 
 def parse_args(argv=None):
@@ -138,6 +141,15 @@ def check_args(args):
 
 Loaded = namedtuple("Loaded", "model config step precision")  # step: None for official weights
 OFFICIAL_KEYS = {"model", "ema", "opt", "args"}  # what the official SiT / LayerSync train.py saves
+RUN_KEYS = {"ema", "step", "config"}  # in a train_cifar.py checkpoint, and all of an EMA snapshot
+
+
+def run_checkpoint(path: str) -> dict:
+    """A train_cifar.py checkpoint or EMA snapshot, or one line saying why it is not one."""
+    checkpoint = read_torch_file(path)
+    if not (isinstance(checkpoint, dict) and RUN_KEYS <= checkpoint.keys()):
+        fail(f"{path} is not a train_cifar.py checkpoint or snapshot (ema, step, config)")
+    return checkpoint
 
 
 def load_model(args, path=None) -> Loaded:
@@ -147,7 +159,7 @@ def load_model(args, path=None) -> Loaded:
     path = path or args.ckpt
     checkpoint = read_torch_file(path)
     weights = "model" if args.no_ema else "ema"
-    if is_run_checkpoint(checkpoint, SNAPSHOT_KEYS):
+    if isinstance(checkpoint, dict) and RUN_KEYS <= checkpoint.keys():
         if weights not in checkpoint:
             fail(f"--no-ema: {path} is an EMA snapshot; the raw weights are in the run's last.pt")
         config = checkpoint["config"]
@@ -206,9 +218,9 @@ def load_vae(args):
 
 @torch.no_grad()
 def encode(vae, pixels: torch.Tensor, device, batch_size: int = 64) -> torch.Tensor:
-    """uint8 images -> the latents the model trained on: the posterior mean x scaling factor."""
+    """Images in [-1, 1] -> the latents the model trained on: posterior mean x scaling factor."""
     scale = vae.config.scaling_factor  # 0.18215 for SD-VAE
-    return torch.cat([vae.encode(to_unit(x).to(device)).latent_dist.mean.cpu() * scale
+    return torch.cat([vae.encode(x.to(device)).latent_dist.mean.cpu() * scale
                       for x in pixels.split(batch_size)])
 
 
@@ -219,15 +231,14 @@ def generate(args, loaded: Loaded, labels, vae=None) -> torch.Tensor:
     model, size = loaded.model, loaded.config["model"]["input_size"]
     generator = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(len(labels), model.in_channels, size, size, generator=generator)
+    # latents -> images in [-1, 1], as the official sample.py decodes them
+    decode = (lambda z: vae.decode(z.float() / vae.config.scaling_factor).sample) if vae else None
     out = []
     for start in tqdm(range(0, len(labels), args.batch_size), desc="sampling", unit="batch"):
         x = noise[start:start + args.batch_size].to(args.device)
         y = labels[start:start + args.batch_size].to(args.device)
-        with autocast(args.device, loaded.precision):
-            images = sample(guided_velocity(model, y, args.cfg_scale), x, args.steps, args.method)
-        if vae is not None:  # latents -> images in [-1, 1], as the official sample.py decodes
-            images = vae.decode(images.float() / vae.config.scaling_factor).sample
-        out.append(to_pixels(images).permute(0, 2, 3, 1).cpu())
+        out.append(sample_pixels(model, x, y, args.steps, loaded.precision, args.method,
+                                 args.cfg_scale, decode).permute(0, 2, 3, 1).cpu())
     return torch.cat(out)
 
 
@@ -309,7 +320,7 @@ def fid_of_run(args):
     snapshots = {int(m[1]): os.path.join(folder, m[0]) for m in
                  (re.fullmatch(r"ema_(\d+)\.pt", name) for name in os.listdir(folder)) if m}
     if os.path.isfile(os.path.join(folder, "last.pt")):  # its step, unless a snapshot has it
-        snapshots.setdefault(load_checkpoint(folder)["step"], os.path.join(folder, "last.pt"))
+        snapshots.setdefault(run_checkpoint(folder)["step"], os.path.join(folder, "last.pt"))
     if not snapshots:
         fail(f"--fid {folder}: no checkpoint in it (ema_<step>.pt or last.pt of train_cifar.py)")
     settings = {"n": args.n or 10_000, "method": args.method, "steps": args.steps,
@@ -359,16 +370,17 @@ def probe_checkpoint(args, loaded: Loaded, vae=None):
     if not model.has_null_class:
         fail("--probe: the probe feeds the null class label, and this model has none (trained with "
              "class_dropout_prob=0)")
-    if args.probe_data:  # a latent model sees 8x smaller latents of its images (SD-VAE)
-        size = config["model"]["input_size"] * (8 if vae else 1)
-        images, labels, _ = load_data(args.probe_data, data_dir(args, config), size)
-        to_input = (lambda pixels: encode(vae, pixels, args.device)) if vae else to_unit
-        data = probe_split(args.probe_data, data_dir(args, config), images, labels, to_input)
-    else:
-        data = probe_data(config, data_dir(args, config))
+    source = args.probe_data or config["data"]  # a latent model sees 8x smaller latents (SD-VAE)
+    images, labels, _ = load_data(source, data_dir(args, config),
+                                  config["model"]["input_size"] * (8 if vae else 1))
+    data = probe_split(source, data_dir(args, config), images, labels,
+                       (lambda x: encode(vae, x, args.device)) if vae else None)
+    folder, name = os.path.split(os.path.abspath(args.ckpt))
+    default = f"probe_{step:07d}.csv" if step is not None else f"probe_{name.rsplit('.', 1)[0]}.csv"
+    path = args.probe_csv or os.path.join(folder, default)
     pairs = config.get("layersync_pairs") or []
     teacher = pairs[0][1] if pairs else None
-    probe = run_probe(model, data, args.probe_t, pairs, loaded.precision)
+    probe = run_probe(model, data, args.probe_t, pairs, loaded.precision, path, step or 0)
     role = {k: "student" for k, _ in pairs} | {k_teacher: "teacher" for _, k_teacher in pairs}
     weights = "raw" if args.no_ema else "EMA"
     print(f"probe of {args.ckpt} at {what(loaded)} ({weights} weights), {data.description}; "
@@ -380,10 +392,6 @@ def probe_checkpoint(args, loaded: Loaded, vae=None):
         accuracies = " ".join(f"{100 * probe.accuracy[t][k]:>7.1f}%" for t in args.probe_t)
         cosine = f"  {probe.teacher_cosine[first_t][k]:>8.3f}" if teacher else ""
         print(f"{role.get(k, ''):>7} {k:>2} {accuracies}{cosine}")
-    folder, name = os.path.split(os.path.abspath(args.ckpt))
-    default = f"probe_{step:07d}.csv" if step is not None else f"probe_{name.rsplit('.', 1)[0]}.csv"
-    path = args.probe_csv or os.path.join(folder, default)
-    write_probe_csv(path, step or 0, probe)
     print(f"probe rows: {path}")
 
 
@@ -421,7 +429,7 @@ def read_run(folder: str) -> Run:
     grids = sorted(glob.glob(os.path.join(folder, "samples_*.png")))
     rows = read_fid_rows(os.path.join(folder, "fid.csv"))  # the settings of its last row
     same = [row for row in rows if all(row[k] == rows[-1][k] for k in FID_FIELDS[3:] + ["n"])]
-    return Run(os.path.basename(os.path.normpath(folder)), load_checkpoint(ckpt_path)["config"],
+    return Run(os.path.basename(os.path.normpath(folder)), run_checkpoint(ckpt_path)["config"],
                metrics, probes, grids[-1] if grids else None,
                {int(row["step"]): float(row["fid"]) for row in same})
 
