@@ -1,5 +1,5 @@
 """Sample from a train_cifar.py checkpoint or the official SiT / LayerSync weights (PNG grid,
-ADM-format .npz, FID), probe their blocks, or compare several runs in one figure.
+ADM-format .npz, FID), probe their blocks, score a whole run's FID, or compare runs in one figure.
 
     python sample.py --ckpt runs/layersync/last.pt --grid grid.png
     python sample.py --ckpt runs/layersync/last.pt --n 10000 --npz samples.npz --fid
@@ -17,9 +17,9 @@ their samples are decoded by --vae, and --probe-data images are encoded by it.
 import argparse
 import csv
 import glob
+import hashlib
 import json
 import math
-import hashlib
 import os
 import re
 import sys
@@ -44,72 +44,73 @@ def fail(message: str):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a train_cifar.py last.pt (or its run folder), an official SiT "
-                   "state dict (SiT-XL-2-256x256.pt) or an official SiT / LayerSync train.py "
-                   "checkpoint (model, ema, opt, args)")
+    p.add_argument("--ckpt", help="a train_cifar.py last.pt, ema_<step>.pt or run folder, an "
+                   "official SiT state dict (SiT-XL-2-256x256.pt) or an official SiT / LayerSync "
+                   "train.py checkpoint (model, ema, opt, args)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--method", choices=["heun", "euler"], default="heun")
     p.add_argument("--steps", type=int, default=50, help="ODE steps (Heun: 2 evaluations each)")
-    p.add_argument("--cfg-scale", type=float, default=1.0,
-                   help="classifier-free guidance; 1 = none")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance; 1: none")
     p.add_argument("--n", type=int, help="number of images, labels i %% num_classes (default: 8 "
-                   "per class); --grid draws one row per class, as the training grids do, so --n "
-                   "must then be a multiple of the number of classes (--class-label: one row)")
+                   "per class); --grid draws one row per class, so --n must then be a multiple of "
+                   "the number of classes (--class-label: one row)")
     p.add_argument("--class-label", type=int, help="sample only this class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--grid", help="write a PNG grid here")
-    p.add_argument("--npz", help="write arr_0 (uint8 N,H,W,3) and arr_1 (labels) here, the ADM "
-                                 "format")
+    p.add_argument("--npz", help="write arr_0 (uint8 N,H,W,3) and arr_1 (labels), the ADM format")
     p.add_argument("--fid", nargs="?", const=True, metavar="RUN_DIR",
                    help="FID against the run's own training data (needs torch-fidelity): of "
                         "--ckpt, or of each snapshot of RUN_DIR (ema_<step>.pt, last.pt) not yet "
                         "in RUN_DIR/fid.csv, oldest first, a row each (--n then defaults to 10000)")
     p.add_argument("--fid-weights", metavar="PATH", help="torch-fidelity's Inception weights "
                    "(weights-inception-2015-12-05-6726825d.pth), for a machine without internet")
-    p.add_argument("--data-dir", help="where CIFAR-10 is, for --fid and --probe (default: the "
-                                      "run's own, else ./data)")
+    p.add_argument("--data-dir", help="where CIFAR-10 is (default: the run's own, else ./data)")
     p.add_argument("--probe", action="store_true",
                    help="linear probe of every block: print a table, write a CSV")
-    p.add_argument("--probe-t", default="1.0,0.5",
+    p.add_argument("--probe-t", type=probe_levels, default="1.0,0.5",
                    help="noise levels of the probe (t = 1 is clean data)")
+    p.add_argument("--probe-data", metavar="FOLDER", help="probe on this image folder (one "
+                   "sub-folder per class), not the run's own data; needed for official weights")
+    p.add_argument("--probe-csv", help="where --probe writes (default: beside --ckpt)")
     p.add_argument("--num-heads", type=int, help="attention heads of official weights whose shape "
                    "is no SiT preset (the weights do not say)")
-    p.add_argument("--probe-data", metavar="FOLDER",
-                   help="probe on this image folder (one sub-folder per class) instead of the "
-                        "run's own data; needed for official weights")
     p.add_argument("--vae", help="the diffusers AutoencoderKL of a latent model, a hub name or a "
                    "local folder (default: stabilityai/sd-vae-ft-ema, behind the paper's FIDs)")
-    p.add_argument("--probe-csv",
-                   help="where --probe writes its rows (default: probe_<step>.csv beside --ckpt)")
-    p.add_argument("--compare", nargs="+", metavar="RUN",
-                   help="run folders of train_cifar.py to compare")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="train_cifar.py runs to compare")
     p.add_argument("--figure", default="compare.png", help="the PNG that --compare writes")
     args = p.parse_args(argv)
     args.fid_run = None
     if isinstance(args.fid, str):  # --fid PATH: a run folder, or one checkpoint file
         if args.ckpt:
             p.error("give --fid RUN_DIR, or --ckpt PATH --fid; not both")
-        if not os.path.isdir(args.fid):
-            args.ckpt = args.fid
-        elif args.grid or args.npz or args.probe:
+        if os.path.isdir(args.fid) and (args.grid or args.npz or args.probe):
             p.error("--fid RUN_DIR writes only its fid.csv; --grid, --npz and --probe take --ckpt")
-        else:
-            args.fid_run, args.ckpt = args.fid, args.fid
+        args.fid_run = args.fid if os.path.isdir(args.fid) else None
+        args.ckpt = args.fid
     if args.compare:
         if args.ckpt:
             p.error("--compare reads run folders; give it without --ckpt")
         check_output_path("--figure", args.figure, (".png",))
         return args
     if not args.ckpt:
-        p.error("give --ckpt PATH (or --compare RUN ...)")
+        p.error("give --ckpt PATH, --fid RUN_DIR or --compare RUN ...")
     if args.fid and args.class_label is not None:
         p.error("--fid compares samples of every class with the data; drop --class-label")
     if not (args.grid or args.npz or args.fid or args.probe):
         p.error("nothing to write: give --grid PATH, --npz PATH, --fid and/or --probe")
-    args.probe_t = probe_levels(args.probe_t)
-    check_args(args)
+    for name in ("n", "steps", "batch_size", "num_heads"):  # before any model is loaded
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if not math.isfinite(args.cfg_scale):
+        fail(f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = no guidance)")
+    for flag, path, extensions in (("--grid", args.grid, (".png", ".jpg", ".jpeg")),
+                                   ("--npz", args.npz, (".npz",)),  # numpy would add .npz
+                                   ("--probe-csv", args.probe_csv, (".csv",))):
+        if path:
+            check_output_path(flag, path, extensions)
     return args
 
 
@@ -123,21 +124,7 @@ def check_output_path(flag: str, path: str, extensions: tuple):
         fail(f"{flag} {path}: cannot write a file there")
 
 
-def check_args(args):
-    """All that can be checked before loading the model or drawing a sample, one line each."""
-    for name in ("n", "steps", "batch_size", "num_heads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    if not math.isfinite(args.cfg_scale):
-        fail(f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = no guidance)")
-    args.device = device_arg(args.device)
-    if args.grid:
-        check_output_path("--grid", args.grid, (".png", ".jpg", ".jpeg"))
-    if args.npz:  # numpy would silently append .npz to any other name
-        check_output_path("--npz", args.npz, (".npz",))
-    if args.probe_csv:
-        check_output_path("--probe-csv", args.probe_csv, (".csv",))
-
+# ------------------------------------------------------------------ models and samples
 
 Loaded = namedtuple("Loaded", "model config step precision")  # step: None for official weights
 OFFICIAL_KEYS = {"model", "ema", "opt", "args"}  # what the official SiT / LayerSync train.py saves
@@ -158,17 +145,16 @@ def load_model(args, path=None) -> Loaded:
     EMA weights unless --no-ema. bf16 autocast on CUDA only for a run that trained in bf16."""
     path = path or args.ckpt
     checkpoint = read_torch_file(path)
-    weights = "model" if args.no_ema else "ema"
-    if isinstance(checkpoint, dict) and RUN_KEYS <= checkpoint.keys():
+    weights, is_dict = "model" if args.no_ema else "ema", isinstance(checkpoint, dict)
+    if is_dict and RUN_KEYS <= checkpoint.keys():
         if weights not in checkpoint:
             fail(f"--no-ema: {path} is an EMA snapshot; the raw weights are in the run's last.pt")
         config = checkpoint["config"]
         model = SiT(**config["model"])
         model.load_state_dict(checkpoint[weights])
-        bf16 = args.device.type == "cuda" and config.get("precision", "bf16") == "bf16"
+        bf16 = args.device.type == "cuda" and config["precision"] == "bf16"
         return Loaded(model.to(args.device).eval(), config, checkpoint["step"],
                       "bf16" if bf16 else "fp32")
-    is_dict = isinstance(checkpoint, dict)
     official = is_dict and OFFICIAL_KEYS <= checkpoint.keys()
     state = checkpoint[weights] if official else checkpoint
     if not (isinstance(state, dict) and "x_embedder.proj.weight" in state):
@@ -217,11 +203,11 @@ def load_vae(args):
 
 
 @torch.no_grad()
-def encode(vae, pixels: torch.Tensor, device, batch_size: int = 64) -> torch.Tensor:
+def encode(vae, images: torch.Tensor, device, batch_size: int = 64) -> torch.Tensor:
     """Images in [-1, 1] -> the latents the model trained on: posterior mean x scaling factor."""
     scale = vae.config.scaling_factor  # 0.18215 for SD-VAE
     return torch.cat([vae.encode(x.to(device)).latent_dist.mean.cpu() * scale
-                      for x in pixels.split(batch_size)])
+                      for x in images.split(batch_size)])
 
 
 @torch.no_grad()
@@ -242,22 +228,28 @@ def generate(args, loaded: Loaded, labels, vae=None) -> torch.Tensor:
     return torch.cat(out)
 
 
-class UInt8Images(torch.utils.data.Dataset):
-    """(N, H, W, 3) uint8 -> items (3, H, W) uint8, what torch-fidelity reads."""
+def check_sampling(args, model):
+    if args.class_label is not None and not 0 <= args.class_label < model.num_classes:
+        fail(f"--class-label {args.class_label}: the model has classes 0..{model.num_classes - 1}")
+    if args.cfg_scale != 1 and not model.has_null_class:
+        fail(f"--cfg-scale {args.cfg_scale}: this model was trained without label dropout, so it "
+             f"has no null class to guide with; use --cfg-scale 1")
 
-    def __init__(self, images):
-        self.images = images
 
-    def __len__(self):
-        return len(self.images)
+def data_dir(args, config: dict) -> str:
+    """Where CIFAR-10 is: --data-dir, else where the run found it, else ./data."""
+    return args.data_dir or config.get("flags", {}).get("data_dir", "./data")
 
-    def __getitem__(self, i):
-        return self.images[i].permute(2, 0, 1).contiguous()
 
+# ------------------------------------------------------------------ FID, of one file or a whole run
 
 # torch-fidelity's Inception-v3, ported from the TensorFlow FID code (the tests register a stand-in)
 FID_EXTRACTOR = "inception-v3-compat"
 FID_FIELDS = ["step", "n", "fid", "method", "steps", "cfg_scale", "seed"]
+
+
+class UInt8Images(list, torch.utils.data.Dataset):
+    """uint8 images (3, H, W) in a list: the Dataset torch-fidelity reads."""
 
 
 def prepare_fid(args, config: dict) -> dict:
@@ -293,15 +285,16 @@ def prepare_fid(args, config: dict) -> dict:
              f"{str(error).strip().splitlines()[0][:200]}); without internet, pass --fid-weights "
              f"PATH")
     # the reference's statistics are cached by torch-fidelity: computed once per dataset and size
-    return dict(options, input2=UInt8Images(reference.permute(0, 2, 3, 1)),
+    return dict(options, input2=UInt8Images(reference.unbind()),
                 input2_cache_name=f"layersync-{name}-{size}px-{len(reference)}")
 
 
 def compute_fid(images: torch.Tensor, options: dict) -> float:
     """FID of uint8 samples (N, H, W, 3) against the reference of prepare_fid (torch-fidelity)."""
     import torch_fidelity
-    metrics = torch_fidelity.calculate_metrics(input1=UInt8Images(images), fid=True, **options)
-    return metrics["frechet_inception_distance"]
+    samples = UInt8Images(images.permute(0, 3, 1, 2).contiguous().unbind())
+    return torch_fidelity.calculate_metrics(input1=samples, fid=True,
+                                            **options)["frechet_inception_distance"]
 
 
 def read_fid_rows(path: str) -> list:
@@ -327,13 +320,12 @@ def fid_of_run(args):
                 "cfg_scale": args.cfg_scale, "seed": args.seed}
     done = {row["step"] for row in read_fid_rows(path)
             if all(row[k] == str(v) for k, v in settings.items())}
-    todo = [(step, snapshots[step]) for step in sorted(snapshots) if str(step) not in done]
+    todo = [step for step in sorted(snapshots) if str(step) not in done]
     if not todo:
         return print(f"{path}: every snapshot is already scored with these settings")
-    options = None
-    for step, snapshot in todo:
-        loaded = load_model(args, snapshot)
-        if options is None:  # before any sampling
+    for step in todo:
+        loaded = load_model(args, snapshots[step])
+        if step == todo[0]:  # before any sampling
             check_sampling(args, loaded.model)
             options = prepare_fid(args, loaded.config)
             labels = torch.arange(settings["n"]) % loaded.model.num_classes
@@ -345,20 +337,6 @@ def fid_of_run(args):
             writer.writerow({"step": step, "fid": f"{fid:.6g}", **settings})
         print(f"step {step}: FID {fid:.2f} ({settings['n']} samples, {args.method} {args.steps} "
               f"steps) -> {path}")
-
-
-def data_dir(args, config: dict) -> str:
-    """Where CIFAR-10 is: --data-dir, else where the run found it, else ./data."""
-    return args.data_dir or config.get("flags", {}).get("data_dir", "./data")
-
-
-def check_sampling(args, model):
-    num_classes = model.num_classes
-    if args.class_label is not None and not 0 <= args.class_label < num_classes:
-        fail(f"--class-label {args.class_label}: the model has classes 0..{num_classes - 1}")
-    if args.cfg_scale != 1 and not model.has_null_class:
-        fail(f"--cfg-scale {args.cfg_scale}: this model was trained without label dropout, so it "
-             f"has no null class to guide with; use --cfg-scale 1")
 
 
 # ------------------------------------------------------------------ the probe of one checkpoint
@@ -382,9 +360,8 @@ def probe_checkpoint(args, loaded: Loaded, vae=None):
     teacher = pairs[0][1] if pairs else None
     probe = run_probe(model, data, args.probe_t, pairs, loaded.precision, path, step or 0)
     role = {k: "student" for k, _ in pairs} | {k_teacher: "teacher" for _, k_teacher in pairs}
-    weights = "raw" if args.no_ema else "EMA"
-    print(f"probe of {args.ckpt} at {what(loaded)} ({weights} weights), {data.description}; "
-          f"chance {100 / model.num_classes:.1f}%")
+    print(f"probe of {args.ckpt} at {what(loaded, args)}, {data.description}; chance "
+          f"{100 / model.num_classes:.1f}%")
     first_t = args.probe_t[0]
     cosine_header = f"  cos to block {teacher} (t={first_t:g})" if teacher else ""
     print(f"{'block':>9} " + " ".join(f"{f't={t:g}':>8}" for t in args.probe_t) + cosine_header)
@@ -395,8 +372,10 @@ def probe_checkpoint(args, loaded: Loaded, vae=None):
     print(f"probe rows: {path}")
 
 
-def what(loaded: Loaded) -> str:
-    return "the official weights" if loaded.step is None else f"step {loaded.step}"
+def what(loaded: Loaded, args) -> str:
+    weights = "raw" if args.no_ema else "EMA"
+    return f"{'the official weights' if loaded.step is None else f'step {loaded.step}'} " \
+           f"({weights} weights)"
 
 
 # ------------------------------------------------------------------ comparing runs, over seeds
@@ -421,11 +400,11 @@ def read_run(folder: str) -> Run:
     if os.path.isfile(os.path.join(folder, "probe.csv")):
         with open(os.path.join(folder, "probe.csv"), newline="") as f:
             for row in csv.DictReader(f):
-                t, k = float(row["t"]), int(row["block"])
                 probe = probes.setdefault(int(row["step"]), BlockProbe({}, {}, {}))
-                for table in probe._fields:  # an older probe.csv has no relative_update column
-                    if row.get(table):
-                        getattr(probe, table).setdefault(t, {})[k] = float(row[table])
+                for table in probe._fields:  # teacher_cosine is empty without a teacher
+                    if row[table]:
+                        getattr(probe, table).setdefault(float(row["t"]), {})[
+                            int(row["block"])] = float(row[table])
     grids = sorted(glob.glob(os.path.join(folder, "samples_*.png")))
     rows = read_fid_rows(os.path.join(folder, "fid.csv"))  # the settings of its last row
     same = [row for row in rows if all(row[k] == rows[-1][k] for k in FID_FIELDS[3:] + ["n"])]
@@ -446,55 +425,50 @@ def group_into_arms(runs: list) -> list:
         if twin is not run:  # the same config and seed: one seed, not two
             print(f"note: {run.name} repeats {twin.name} (same config, seed "
                   f"{run.config['seed']}): counted once")
-            continue
-        groups.setdefault(key, []).append(run)
-    kinds = []
-    for members in groups.values():
-        weight = members[0].config["layersync_weight"]
-        kinds.append("baseline" if weight == 0 else f"LayerSync lambda {weight:g}")
+        else:
+            groups.setdefault(key, []).append(run)
+    kinds = [f"LayerSync lambda {m[0].config['layersync_weight']:g}"
+             if m[0].config["layersync_weight"] else "baseline" for m in groups.values()]
     arms = []
     for kind, members in zip(kinds, groups.values()):
-        label = kind
+        config, label = members[0].config, kind
         if kinds.count(kind) > 1:  # name what differs from the other arms of the same kind
             others = [m[0].config for k, m in zip(kinds, groups.values()) if k == kind]
-            config = members[0].config
-            differ = [k for k in sorted(config) if k not in ("seed", "flags")
-                      and any(other.get(k) != config[k] for other in others)]
-            label += ", " + ", ".join(f"{k} {config[k]}" for k in differ)
-        pairs = members[0].config.get("layersync_pairs") or [[None, None]]
-        arms.append(Arm(label, members, *pairs[0]))
+            label += ", " + ", ".join(f"{k} {config[k]}" for k in sorted(config)
+                                      if k not in ("seed", "flags")
+                                      and any(other.get(k) != config[k] for other in others))
+        arms.append(Arm(label, members, *(config.get("layersync_pairs") or [[None, None]])[0]))
     return arms
 
 
 def spread(values: list, digits: int) -> str:
     """'mean (min..max)' over seeds, or the value alone for one seed; '-' for none."""
-    if not values:
-        return "-"
-    mean = f"{sum(values) / len(values):.{digits}f}"
-    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
-    return mean if len(values) == 1 else f"{mean} ({low}..{high})"
-
-
-def last_probe(run: Run):
-    """The BlockProbe at the run's last probed step; None without a probe."""
-    return run.probes[max(run.probes)] if run.probes else None
+    mean = f"{sum(values) / len(values):.{digits}f}" if values else "-"
+    low, high = f"{min(values, default=0):.{digits}f}", f"{max(values, default=0):.{digits}f}"
+    return mean if len(values) < 2 else f"{mean} ({low}..{high})"
 
 
 def per_block(arm: Arm, table: str, t: float) -> list:
     """[{block: value}, one per seed with a probe], at each seed's last probed step; table:
     "accuracy" (in %), "teacher_cosine" or "relative_update"."""
     scale = 100 if table == "accuracy" else 1
-    seeds = [getattr(last_probe(run), table).get(t, {}) for run in arm.runs if run.probes]
+    seeds = [getattr(run.probes[max(run.probes)], table).get(t, {}) for run in arm.runs
+             if run.probes]
     return [{k: scale * value for k, value in seed.items()} for seed in seeds if seed]
 
 
+BLOCK_TABLES = (("accuracy", "probe accuracy (%)", 1),
+                ("teacher_cosine", "cosine to the teacher block", 3),
+                ("relative_update", "relative update ||h_k - h_(k-1)|| / ||h_(k-1)||", 3))
+
+
 def compare_table(arms: list) -> str:
-    """The figure's numbers as text: losses at the end, then every block's probe accuracy and
-    cosine to the teacher, each as the mean over seeds (min..max)."""
+    """The figure's numbers as text: losses and FID at the end, the speed-up, then every block's
+    probe accuracy, cosine to the teacher and relative update, as the mean over seeds (min..max)."""
     lines = ["arms (runs whose configs differ only in --seed):"]
-    for arm in arms:
-        seeds = ", ".join(f"{run.name} (seed {run.config['seed']})" for run in arm.runs)
-        lines.append(f"  {arm.label}: {len(arm.runs)} seed(s): {seeds}")
+    lines += [f"  {arm.label}: {len(arm.runs)} seed(s): " +
+              ", ".join(f"{run.name} (seed {run.config['seed']})" for run in arm.runs)
+              for arm in arms]
     width = max(24, *(len(arm.label) for arm in arms))
     lines.append(f"{'arm':<{width}} {'seeds':>5} {'step':>7} {'fm':>26} {'layersync':>27} "
                  f"{'student':>7} {'teacher':>7} {'FID at the last scored step':>28}")
@@ -506,28 +480,20 @@ def compare_table(arms: list) -> str:
         lines.append(f"{arm.label:<{width}} {len(arm.runs):>5} {steps:>7} {fm:>26} {sync:>27} "
                      f"{arm.student!s:>7} {arm.teacher!s:>7} {fid:>28}")
     lines += speedup_lines(arms)
-    probed = [run for arm in arms for run in arm.runs if run.probes]
-    ts = sorted({t for run in probed for t in last_probe(run).accuracy}, reverse=True)
+    ts = sorted({t for arm in arms for run in arm.runs if run.probes
+                 for t in run.probes[max(run.probes)].accuracy}, reverse=True)
     cell = max(22, *(len(arm.label) for arm in arms))
-    for table, title, digits in (("accuracy", "probe accuracy (%)", 1),
-                                 ("teacher_cosine", "cosine to the teacher block", 3),
-                                 ("relative_update", "relative update ||h_k - h_(k-1)|| / "
-                                  "||h_(k-1)||", 3)):
-        for t in ts:
-            columns = [per_block(arm, table, t) for arm in arms]
-            depth = max((max(seed) for seeds in columns for seed in seeds), default=0)
-            if not depth:
-                continue
-            lines.append(f"{title} per block, t={t:g}, at each run's last probed step, "
-                         f"mean over seeds (min..max):")
+    for (table, title, digits), t in ((table, t) for table in BLOCK_TABLES for t in ts):
+        columns = [per_block(arm, table, t) for arm in arms]
+        depth = max((max(seed) for seeds in columns for seed in seeds), default=0)
+        if depth:
+            lines.append(f"{title} per block, t={t:g}, at each run's last probed step, mean over "
+                         f"seeds (min..max):")
             lines.append(f"{'block':>6} " + " ".join(f"{arm.label:>{cell}}" for arm in arms))
-            for k in range(1, depth + 1):
-                cells = []
-                for arm, seeds in zip(arms, columns):
-                    mark = "s" if k == arm.student else "t" if k == arm.teacher else " "
-                    values = [seed[k] for seed in seeds if k in seed]
-                    cells.append(f"{spread(values, digits)}{mark}".rjust(cell))
-                lines.append(f"{k:>6} " + " ".join(cells))
+            lines += [f"{k:>6} " + " ".join(
+                f"{spread([s[k] for s in seeds if k in s], digits)}"
+                f"{'s' if k == arm.student else 't' if k == arm.teacher else ' '}".rjust(cell)
+                for arm, seeds in zip(arms, columns)) for k in range(1, depth + 1)]
     lines.append("(s = LayerSync student block, t = teacher block; where the blocks between the "
                  "student and the teacher all sit near cosine 1 and their relative updates fall, "
                  "the regulariser is collapsing them)")
@@ -559,10 +525,14 @@ def first_step_at_or_below(xs: list, ys: list, target: float):
     return None
 
 
+def baseline_arm(arms: list):
+    return next((arm for arm in arms if arm.runs[0].config["layersync_weight"] == 0), None)
+
+
 def speedup_lines(arms: list) -> list:
     """The paper's speed-up, per LayerSync arm: the first step at which its mean FID reaches the
     baseline's final mean FID, against the baseline's last scored step."""
-    baseline = next((arm for arm in arms if arm.runs[0].config["layersync_weight"] == 0), None)
+    baseline = baseline_arm(arms)
     steps, mean, _, _ = fid_curve(baseline) if baseline else ([], [], [], [])
     if not steps:
         return []
@@ -570,12 +540,12 @@ def speedup_lines(arms: list) -> list:
              f"{mean[-1]:.2f} at step {steps[-1]:,}:"]
     for arm in arms:
         xs, ys, _, _ = fid_curve(arm)
-        if arm is baseline or not xs:
-            continue
-        step = first_step_at_or_below(xs, ys, mean[-1])
-        lines.append(f"  {arm.label}: " + (f"not reached within {xs[-1]:,} steps" if step is None
-                     else f"reaches the baseline's FID {mean[-1]:.2f} at step {step:,.0f}: "
-                          f"{steps[-1] / step:.2f}x fewer steps"))
+        if arm is not baseline and xs:
+            step = first_step_at_or_below(xs, ys, mean[-1])
+            lines.append(f"  {arm.label}: " + (
+                f"not reached within {xs[-1]:,} steps" if step is None else
+                f"reaches the baseline's FID {mean[-1]:.2f} at step {step:,.0f}: "
+                f"{steps[-1] / step:.2f}x fewer steps"))
     return lines
 
 
@@ -590,8 +560,7 @@ def compare_figure(arms: list, path: str):
     from matplotlib.lines import Line2D
     from PIL import Image
 
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["-", "--", ":", "-."]
+    colours, styles = plt.rcParams["axes.prop_cycle"].by_key()["color"], ["-", "--", ":", "-."]
     ts = sorted({t for arm in arms for run in arm.runs for probe in run.probes.values()
                  for t in probe.accuracy}, reverse=True)
     fig = plt.figure(figsize=(26, 11), layout="constrained")
@@ -606,7 +575,7 @@ def compare_figure(arms: list, path: str):
         if any(lo != hi for lo, hi in zip(low, high)):
             ax.fill_between(xs, low, high, color=colour, alpha=0.2, linewidth=0)
 
-    reference = next((arm for arm in arms if arm.runs[0].config["layersync_weight"] == 0), arms[0])
+    reference = baseline_arm(arms) or arms[0]
     base = dict(zip(*over_seeds([{row["step"]: row["fm"] for row in run.metrics}
                                  for run in reference.runs])[:2]))
     for i, arm in enumerate(arms):
@@ -619,22 +588,19 @@ def compare_figure(arms: list, path: str):
         if fid_curve(arm)[0]:
             band(ax_fid, fid_curve(arm), colour, "-", "o")
         for j, t in enumerate(ts):
-            style = styles[j % 4]
             for ax, table in ((ax_block, "accuracy"), (ax_cosine, "teacher_cosine"),
                               (ax_update, "relative_update")):
-                seeds = per_block(arm, table, t)
-                if not seeds:
-                    continue
-                blocks, mean, _, _ = curve = over_seeds(seeds)
-                band(ax, curve, colour, style, ".")
-                for k, marker in ((arm.student, "v"), (arm.teacher, "*")):
-                    if k in blocks:
-                        ax.plot([k], [mean[blocks.index(k)]], marker=marker, markersize=13,
-                                color=colour, markeredgecolor="black", linestyle="none")
+                if seeds := per_block(arm, table, t):
+                    blocks, mean, _, _ = curve = over_seeds(seeds)
+                    band(ax, curve, colour, styles[j % 4], ".")
+                    for k, marker in ((arm.student, "v"), (arm.teacher, "*")):
+                        if k in blocks:
+                            ax.plot([k], [mean[blocks.index(k)]], marker=marker, markersize=13,
+                                    color=colour, markeredgecolor="black", linestyle="none")
             history = [{step: 100 * probe.accuracy[t][arm.student]
                         for step, probe in run.probes.items()
                         if arm.student in probe.accuracy.get(t, {})} for run in arm.runs]
-            band(ax_student, over_seeds([h for h in history if h]), colour, style, "o")
+            band(ax_student, over_seeds([h for h in history if h]), colour, styles[j % 4], "o")
     arm_keys = [Line2D([], [], color=colours[i % len(colours)],
                        label=f"{arm.label} ({len(arm.runs)} seed{'s' * (len(arm.runs) > 1)})")
                 for i, arm in enumerate(arms)]
@@ -651,9 +617,9 @@ def compare_figure(arms: list, path: str):
                                        Line2D([], [], color="black", linestyle="--",
                                               label="LayerSync (right axis)")],
                    fontsize=9, loc="center right")
-    chance = 100 / arms[0].runs[0].config["model"]["num_classes"]
     for ax in (ax_block, ax_student):
-        ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":")
+        ax.axhline(100 / arms[0].runs[0].config["model"]["num_classes"], color="grey",
+                   linewidth=0.8, linestyle=":")
         ax.set_ylabel("probe top-1 accuracy (%), dotted: chance")
     ax_block.set(title="(b) linear probe of every block, at the last probed step", xlabel="block")
     ax_cosine.set(title="(d) each block's mean per-token cosine to the teacher block:\n"
@@ -678,10 +644,9 @@ def compare_figure(arms: list, path: str):
     for i, arm in enumerate(arms):
         ax = fig.add_subplot(pictures[0, i])
         ax.axis("off")
-        run = arm.runs[0]
-        if run.grid:
-            ax.imshow(Image.open(run.grid), interpolation="nearest")
-            ax.set_title(f"(f) {arm.label}:\n{os.path.basename(run.grid)}", fontsize=9)
+        if arm.runs[0].grid:
+            ax.imshow(Image.open(arm.runs[0].grid), interpolation="nearest")
+            ax.set_title(f"(f) {arm.label}:\n{os.path.basename(arm.runs[0].grid)}", fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -714,8 +679,8 @@ def main(argv=None):
     if args.probe and loaded.step is None and not args.probe_data:
         fail("--probe of official weights needs --probe-data FOLDER (one sub-folder of images per "
              "class, e.g. an ImageNet or Tiny-ImageNet subset)")
-    num_classes = config["model"]["num_classes"]
     check_sampling(args, model)
+    num_classes = model.num_classes
     rows = num_classes if args.class_label is None else 1  # one row per class
     n = args.n or 8 * rows
     if args.grid and n % rows:
@@ -727,24 +692,20 @@ def main(argv=None):
         probe_checkpoint(args, loaded, vae)
         if not (args.grid or args.npz or args.fid):
             return
-    if args.class_label is None:
-        labels = torch.arange(n) % num_classes
-    else:
-        labels = torch.full((n,), args.class_label)
+    labels = torch.arange(n) % num_classes if args.class_label is None else \
+        torch.full((n,), args.class_label)
     images = generate(args, loaded, labels, vae)
-    weights = "raw" if args.no_ema else "EMA"
-    print(f"{len(images)} images from {what(loaded)} ({weights} weights), "
-          f"{args.method} {args.steps} steps, cfg {args.cfg_scale}")
+    print(f"{len(images)} images from {what(loaded, args)}, {args.method} {args.steps} steps, "
+          f"cfg {args.cfg_scale}")
     if args.grid:  # one row per class: labels sorted, each class's images in drawing order
-        by_class = labels.argsort(stable=True)
-        save_grid(images[by_class].permute(0, 3, 1, 2), args.grid, columns=n // rows)
+        save_grid(images[labels.argsort(stable=True)].permute(0, 3, 1, 2), args.grid, n // rows)
         print(f"grid: {args.grid}")
     if args.npz:
         np.savez(args.npz, arr_0=images.numpy(), arr_1=labels.numpy())
         print(f"npz: {args.npz}")
     if args.fid:
-        fid = compute_fid(images, fid_options)
-        print(f"FID against {config['data']} ({len(images)} samples): {fid:.2f}")
+        print(f"FID against {config['data']} ({len(images)} samples): "
+              f"{compute_fid(images, fid_options):.2f}")
 
 
 if __name__ == "__main__":
