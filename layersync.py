@@ -21,7 +21,7 @@ import math
 import operator
 from collections import namedtuple
 from contextlib import contextmanager
-from functools import partial
+from functools import partial, reduce
 
 import torch
 import torch.nn as nn
@@ -68,10 +68,9 @@ def record_blocks(blocks, block_numbers, pick=None):
             pred = model(x)
         loss = task_loss + lam * layersync_loss(out[k], out[k_teacher])
 
-    blocks: the blocks in forward order (e.g. an nn.ModuleList). pick: output -> tensor, for blocks
-    that return a tuple or a dataclass (e.g. pick=lambda out: out[0]). Every forward inside the
-    `with` overwrites `out`, so it holds the last forward's outputs. The hooks are removed on
-    leaving the `with`, also when the forward raised.
+    blocks: the blocks in forward order (an nn.ModuleList). pick: output -> tensor, for blocks that
+    return a tuple or a dataclass (pick=lambda out: out[0]). `out` holds the last forward's
+    outputs. The hooks are removed on leaving the `with`, also when the forward raised.
     """
     blocks, asked = list(blocks), list(block_numbers)
     try:  # any integer type (int, numpy, torch), but not a bool or a float
@@ -236,15 +235,13 @@ class SiT(nn.Module):
         w = self.x_embedder.weight  # patch embedding initialised like the Linear it is
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for weight in (self.y_embedder.table.weight, self.t_embedder.mlp[0].weight,
+                       self.t_embedder.mlp[2].weight):
+            nn.init.normal_(weight, std=0.02)
         # adaLN-Zero: every gate, shift and scale starts at 0, so each block is the identity
         # and the zeroed final linear makes the velocity exactly 0 at init.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        for layer in [block.adaLN_modulation[-1] for block in self.blocks] + [
+                self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -278,9 +275,7 @@ class SiT(nn.Module):
             x = block(x, c)
             hidden.append(x)  # f^k(x_t) of Eq. 2: the residual stream after block k
         velocity = self.unpatchify(self.final_layer(x, c))  # (B, C, H, W)
-        if not return_layers:
-            return velocity
-        return velocity, [hidden[k] for k in return_layers]
+        return (velocity, [hidden[k] for k in return_layers]) if return_layers else velocity
 
 
 # depth, hidden size, heads of SiT-S/B/L/XL; patch 2, 4 or 8. Overrides go as keywords:
@@ -323,12 +318,9 @@ def sit_from_official(state_dict: dict, num_heads=None) -> "SiT":
     if not torch.allclose(state_dict["pos_embed"].float(), model.pos_embed, atol=1e-5):
         raise ValueError("sit_from_official: the stored pos_embed is not the fixed 2D sin-cos "
                          "table this SiT uses; these weights belong to another model")
-    renamed = {}
-    for name, tensor in state_dict.items():
-        for official, ours in OFFICIAL_NAMES.items():
-            name = name.replace(official, ours)
-        renamed[name] = tensor
-    del renamed["pos_embed"]
+    def ours(name: str) -> str:
+        return reduce(lambda name, names: name.replace(*names), OFFICIAL_NAMES.items(), name)
+    renamed = {ours(name): tensor for name, tensor in state_dict.items() if name != "pos_embed"}
     head = renamed["final_layer.linear.weight"]
     if head.shape[0] == patch * patch * 2 * channels:  # learn_sigma: rows ordered (p, q, 2C)
         velocity_rows = torch.arange(head.shape[0]) % (2 * channels) < channels
@@ -387,32 +379,18 @@ def training_loss(model: SiT, x1: torch.Tensor, y: torch.Tensor,
                   layersync_pairs=(), layersync_weight: float = 0.0) -> dict:
     """One Monte-Carlo estimate of Eq. 3 = Eq. 1 + lambda * Eq. 2, from a single forward pass.
 
-    Returns scalar tensors: "loss" (Eq. 3), "fm" (Eq. 1), "layersync" (Eq. 2 averaged over
-    the pairs; 0 without pairs). With weight 0 the pairs are only measured (no gradient),
-    so the update is exactly the plain SiT baseline's. A non-zero weight needs at least one
-    pair: silently training the baseline is the public code's default-pair pitfall.
+    Returns scalar tensors: "loss" (Eq. 3), "fm" (Eq. 1), "layersync" (Eq. 2 averaged over the
+    pairs; 0 without pairs). With weight 0 the pairs are only measured (no gradient), so the
+    update is exactly the plain SiT baseline's. The inputs' traps are refused first (below).
     """
-    depth = len(getattr(model, "module", model).blocks)  # .module: inside DistributedDataParallel
-    pairs = check_layersync_pairs(layersync_pairs, depth)
-    if not (math.isfinite(layersync_weight) and layersync_weight >= 0):
-        raise ValueError(f"training_loss: layersync_weight must be finite and >= 0, "
-                         f"got {layersync_weight}")
-    if layersync_weight and not pairs:
-        raise ValueError(f"training_loss: layersync_weight {layersync_weight} with no "
-                         f"layersync_pairs would train the plain baseline; pass pairs, e.g. "
-                         f"[default_layersync_pair({depth})], or weight 0")
-    if x1.shape[0] == 0:
-        raise ValueError("training_loss: the batch is empty (x1 has 0 samples)")
+    pairs = check_objective(model, x1, layersync_pairs, layersync_weight)
     x0 = torch.randn_like(x1)                                    # noise, t = 0
     t = torch.rand(x1.shape[0], device=x1.device, dtype=x1.dtype)  # t ~ U[0, 1)
     t_ = t.view(-1, *([1] * (x1.dim() - 1)))
     xt = t_ * x1 + (1 - t_) * x0   # linear interpolant: alpha_t = t, sigma_t = 1 - t
     target = x1 - x0               # Eq. 1: d(alpha_t)/dt * x1 + d(sigma_t)/dt * x0
     layers = sorted({k for pair in pairs for k in pair})
-    if layers:
-        velocity, hidden = model(xt, t, y, return_layers=layers)
-    else:
-        velocity, hidden = model(xt, t, y), []
+    velocity, hidden = model(xt, t, y, return_layers=layers) if layers else (model(xt, t, y), [])
     fm = (velocity.float() - target.float()).square().mean()    # Eq. 1
     feature = dict(zip(layers, hidden))
     with torch.set_grad_enabled(torch.is_grad_enabled() and layersync_weight != 0):
@@ -423,17 +401,30 @@ def training_loss(model: SiT, x1: torch.Tensor, y: torch.Tensor,
     return {"loss": loss, "fm": fm.detach(), "layersync": sync.detach()}
 
 
+def check_objective(model: SiT, x1: torch.Tensor, pairs, weight: float) -> list:
+    """The pairs, checked against the depth; a ValueError for a weight not finite and >= 0, a weight
+    without pairs (silently the baseline: the public code's pitfall), an empty batch."""
+    depth = len(getattr(model, "module", model).blocks)  # .module: inside DistributedDataParallel
+    pairs = check_layersync_pairs(pairs, depth)
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"training_loss: layersync_weight must be finite and >= 0, got {weight}")
+    if weight and not pairs:
+        raise ValueError(f"training_loss: layersync_weight {weight} with no layersync_pairs would "
+                         f"train the plain baseline; pass [default_layersync_pair({depth})] or 0")
+    if x1.shape[0] == 0:
+        raise ValueError("training_loss: the batch is empty (x1 has 0 samples)")
+    return pairs
+
+
 # ---------------------------------------------------------------------------
 # 4. Sampling: the ODE dx/dt = v(x, t) from t = 0 to 1 (the paper reports FIDs with Heun)
 # ---------------------------------------------------------------------------
 
 @torch.no_grad()
 def sample(velocity_fn, noise: torch.Tensor, steps: int = 50, method: str = "heun") -> torch.Tensor:
-    """Integrate dx/dt = velocity_fn(x, t) from noise (t = 0) to data (t = 1) in equal steps.
-
-    "euler": first order, `steps` evaluations. "heun": second-order trapezoid predictor-corrector
-    (the sampler behind the paper's FIDs), 2 * `steps` evaluations. velocity_fn gets t as (B,).
-    """
+    """Integrate dx/dt = velocity_fn(x, t) from noise (t = 0) to data (t = 1) in equal steps:
+    "euler", first order, `steps` evaluations; "heun", the second-order trapezoid predictor-
+    corrector behind the paper's FIDs, 2 * `steps` evaluations. velocity_fn gets t as (B,)."""
     if method not in ("euler", "heun"):
         raise ValueError(f"sample: method must be 'euler' or 'heun', got {method!r}")
     if steps < 1:
@@ -443,21 +434,17 @@ def sample(velocity_fn, noise: torch.Tensor, steps: int = 50, method: str = "heu
     for t, t_next in zip(times[:-1], times[1:]):
         dt = t_next - t
         v = velocity_fn(x, t.expand(x.shape[0]))
-        x_euler = x + dt * v
-        if method == "euler":
-            x = x_euler
-        else:  # correct with the slope at the predicted point: trapezoid rule
-            x = x + dt * 0.5 * (v + velocity_fn(x_euler, t_next.expand(x.shape[0])))
+        if method == "heun":  # average with the slope at Euler's predicted point: trapezoid rule
+            v = 0.5 * (v + velocity_fn(x + dt * v, t_next.expand(x.shape[0])))
+        x = x + dt * v
     return x
 
 
 def guided_velocity(model: SiT, y: torch.Tensor, cfg_scale: float = 1.0):
     """Classifier-free guidance: v = v_uncond + w (v_cond - v_uncond), as a velocity_fn(x, t).
 
-    Conditional and unconditional halves share one batched forward; the null class is
-    `num_classes`; every channel is guided (DiT's sampling code guides only the first 3 of its 4
-    latent channels, on purpose, to reproduce its paper's numbers).
-    cfg_scale 1 is the conditional model alone, one plain forward.
+    Both halves share one batched forward; the null class is `num_classes`; every channel is
+    guided (DiT's code guides the first 3 of 4, to reproduce its paper). cfg_scale 1: one forward.
     """
     if model.training:
         raise ValueError("guided_velocity: call model.eval() first (training mode drops labels)")
@@ -481,8 +468,7 @@ def guided_velocity(model: SiT, y: torch.Tensor, cfg_scale: float = 1.0):
 # the weak ones; the paper shows it with a per-layer linear probe. This one is closed-form (ridge),
 # so it is deterministic and cheap enough to run during training.
 
-# each {t: {block: value}}; relative_update: ||h_k - h_{k-1}|| / ||h_{k-1}|| per token, the size of
-# block k's write to the residual stream (near 0: the block barely changes it)
+# each {t: {block: value}}; relative_update: ||h_k - h_{k-1}|| / ||h_{k-1}||, block k's write
 BlockProbe = namedtuple("BlockProbe", "accuracy teacher_cosine relative_update")
 BlockFeatures = namedtuple("BlockFeatures", "features teacher_cosine relative_update")
 
@@ -525,10 +511,8 @@ def block_features(model: SiT, x1: torch.Tensor, t: float, teacher=None, seed: i
 
 def ridge_probe_accuracy(fit_x, fit_y, test_x, test_y, num_classes: int,
                          ridge: float = 1e-3) -> float:
-    """Top-1 accuracy of ridge regression onto one-hot targets, on standardised features.
-
-    Closed form: deterministic, nothing to tune, one D x D solve.
-    """
+    """Top-1 accuracy of ridge regression onto one-hot targets, on standardised features: closed
+    form, so deterministic, nothing to tune, one D x D solve."""
     mean, std = fit_x.double().mean(0), fit_x.double().std(0).clamp_min(1e-6)
     x, z = (fit_x.double() - mean) / std, (test_x.double() - mean) / std
     targets = F.one_hot(fit_y.long(), num_classes).double()

@@ -62,17 +62,14 @@ def parse_args(argv=None):
     d.add_argument("--data", default="cifar10", help="'cifar10', 'sklearn-digits' (offline: "
                    "scikit-learn's 1,797 digits) or a folder with one sub-folder per class")
     d.add_argument("--data-dir", default="./data", help="where CIFAR-10 is (or is downloaded to)")
-    d.add_argument("--image-size", type=int, default=32,
-                   help="image folders are resized and centre-cropped to it")
-    d.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
-                   help="random horizontal flips")
+    d.add_argument("--image-size", type=int, default=32, help="a folder's, centre-cropped")
+    d.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True, help="flips")
     m = p.add_argument_group("model")
     m.add_argument("--model", default="SiT-S/2", choices=sorted(SiT_models), help="SiT preset")
     for name in OVERRIDES:
         m.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the preset's value")
     s = p.add_argument_group("LayerSync")
-    s.add_argument("--layersync-weight", type=float, default=0.2,
-                   help="lambda of Eq. 3; 0 = SiT baseline")
+    s.add_argument("--layersync-weight", type=float, default=0.2, help="lambda of Eq. 3; 0: none")
     s.add_argument("--layersync-pairs", help="'k:k2,...' 1-indexed blocks, student k < teacher k2 "
                    "(default: 8:16 of 28 scaled to the depth, 3:7 for 12 blocks)")
     o = p.add_argument_group("optimisation")
@@ -84,8 +81,8 @@ def parse_args(argv=None):
     o.add_argument("--ema-decay", type=float, default=0.9999, help="reached after a warm-up")
     o.add_argument("--seed", type=int, default=0)
     h = p.add_argument_group("hardware")
-    h.add_argument("--device", type=device_arg,
-                   default="cuda" if torch.cuda.is_available() else "cpu")
+    h.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else
+                   "cpu")
     h.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, else fp32")
     h.add_argument("--no-compile", action="store_true", help="skip torch.compile (on by default "
                    "on CUDA)")
@@ -101,8 +98,7 @@ def parse_args(argv=None):
                    "<out>/ema_<step>.pt, for sample.py --fid RUN_DIR (0 = none)")
     r.add_argument("--probe-every", type=int, help="linear probe of every block into "
                    "<out>/probe.csv (default: --sample-every; 0 = off)")
-    r.add_argument("--probe-t", type=probe_levels, default="1.0,0.5",
-                   help="noise levels of the probe, comma-separated (t = 1 is clean data)")
+    r.add_argument("--probe-t", type=probe_levels, default="1.0,0.5", help="its noise levels")
     if not master_process:  # under torchrun, rank 0 alone reports a bad flag
         p.print_usage = p.print_help = lambda *_, **__: None
         p.exit = lambda status=0, message=None: sys.exit(status)
@@ -274,13 +270,10 @@ class DeviceBatches:
         if self.position + self.batch_size > len(self.order):
             self.new_epoch()  # drop the last partial batch of each epoch
         share = self.batch_size // ddp_world_size  # this process's slice of the global batch
-        start = self.position + ddp_rank * share
-        window = slice(start, start + share)
+        window = slice(self.position + ddp_rank * share, self.position + (ddp_rank + 1) * share)
         self.position += self.batch_size
-        index = self.order[window]
-        x = self.images[index]
-        x = torch.where(self.flip[window, None, None, None], x.flip(-1), x)  # horizontal flips
-        return from_pixels(x), self.labels[index]
+        x, y = self.images[self.order[window]], self.labels[self.order[window]]
+        return from_pixels(torch.where(self.flip[window, None, None, None], x.flip(-1), x)), y
 
     def state_dict(self):
         return {"epoch_start": self.epoch_start, "position": self.position}
@@ -382,11 +375,10 @@ def train(args):
                 say(f"probe at step {step}: {probe_summary(probe, pairs)}")
             log.time += time.perf_counter() - pause  # img_per_s counts training time only
     finally:
-        bar.close()
-        for csv_log in (metrics, probes):
-            if csv_log:
-                csv_log.close()
         signals.restore()
+        for log in (bar, metrics, probes):
+            if log:
+                log.close()
     if stop_signal:
         say(f"interrupted by {signal.Signals(stop_signal).name}: saved step {step} of "
             f"{args.steps} to {ckpt_path}; rerun with --out {args.out} --resume to continue",
@@ -419,7 +411,11 @@ class Interval:
         # Eq. 3 spelled out: the total is fm + lambda * (-cosine), so it can go below 0
         lam, fm, sync = args.layersync_weight, f"fm {mean[1]:.4f}", f"layersync {mean[2]:.3f}"
         terms = f"{fm} + {lam:g} x {sync} = {mean[0]:.4f}" if lam else f"{fm}, {sync}"
-        return f"{terms}, {images_per_s:.0f} img/s{mfu(args, images_per_s)}"
+        name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else ""
+        peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
+        flops = images_per_s * train_flops_per_image(model_config(args, 10))  # all ranks' images
+        mfu = f", MFU {100 * flops / (peak * ddp_world_size):.1f}%" if peak else ""
+        return f"{terms}, {images_per_s:.0f} img/s{mfu * (args.precision == 'bf16')}"
 
 
 # dense bf16 peak FLOP/s from the vendors' data sheets, for MFU; matched against the device name
@@ -435,22 +431,12 @@ def train_flops_per_image(config: dict) -> float:
     return 6 * (config["depth"] * (12 * tokens * h * h + 2 * tokens * tokens * h) + patch_io)
 
 
-def mfu(args, images_per_s: float) -> str:
-    name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else ""
-    peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
-    flops = images_per_s * train_flops_per_image(model_config(args, 10))
-    return f", MFU {100 * flops / (peak * ddp_world_size):.1f}%" if peak and args.precision == \
-        "bf16" else ""
-
-
 def prepare(args):
     """Everything that can refuse the run, before the model is built; None: nothing to do."""
     ckpt_path = os.path.join(args.out, "last.pt")
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(ckpt_path)
-    elif os.path.exists(ckpt_path):
+    if not args.resume and os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    checkpoint = load_checkpoint(ckpt_path) if args.resume else None
     images, labels, classes = load_data(args.data, args.data_dir, args.image_size)
     if len(images) < args.batch_size:  # before --out is made
         fail(f"the dataset has {len(images)} images, fewer than --batch-size {args.batch_size}")
@@ -539,10 +525,9 @@ def read_torch_file(path: str):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:  # refused before anything in it ran
-        needs = re.search(r"GLOBAL ([\w.]+)", str(error))
-        fail(f"{path} needs code to load ({needs[1] if needs else 'a pickled object'}), so it was "
-             f"not loaded; a model saved whole with torch.save(model) holds its code: save "
-             f"model.state_dict() instead")
+        needs = (re.search(r"GLOBAL ([\w.]+)", str(error)) or [None, "a pickled object"])[1]
+        fail(f"{path} needs code to load ({needs}), so it was not loaded; a model saved whole with "
+             f"torch.save(model) holds its code: save model.state_dict() instead")
     except Exception as error:
         fail(f"cannot read checkpoint {path} ({type(error).__name__}: {error})")
 
@@ -831,11 +816,10 @@ class NonFiniteWatch:
         self.first_bad = torch.where(first, step, self.first_bad)
 
     def check(self):
-        never = torch.iinfo(torch.long).max  # so that 0 (no bad step) never wins the MIN
-        bad = torch.where(self.first_bad == 0, never, self.first_bad)
-        if ddp:  # the earliest bad step of any rank
-            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-        if (bad := int(bad)) != never:
+        bad = self.first_bad.clone()
+        if ddp:  # a bad step of any rank stops them all
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad := int(bad):
             fail(f"the loss became non-finite at step {bad}; stopped without saving, so "
                  f"{self.ckpt_path} keeps the last good state. Try a lower --lr, --precision fp32 "
                  f"or a smaller --grad-clip.")
