@@ -816,10 +816,11 @@ class NonFiniteWatch:
         self.first_bad = torch.where(first, step, self.first_bad)
 
     def check(self):
-        bad = self.first_bad.clone()
-        if ddp:  # a bad step of any rank stops them all
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad := int(bad):
+        never = torch.iinfo(torch.long).max  # so that 0 (no bad step) never wins the MIN
+        bad = torch.where(self.first_bad == 0, never, self.first_bad)
+        if ddp:  # the earliest bad step of any rank: a NaN spreads to all ranks in one step
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        if (bad := int(bad)) != never:
             fail(f"the loss became non-finite at step {bad}; stopped without saving, so "
                  f"{self.ckpt_path} keeps the last good state. Try a lower --lr, --precision fp32 "
                  f"or a smaller --grad-clip.")
