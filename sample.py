@@ -44,51 +44,42 @@ def fail(message: str):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a train_cifar.py last.pt, ema_<step>.pt or run folder, an "
-                   "official SiT state dict (SiT-XL-2-256x256.pt) or an official SiT / LayerSync "
-                   "train.py checkpoint (model, ema, opt, args)")
+    p.add_argument("--ckpt", help="a train_cifar.py last.pt, ema_<step>.pt or run folder, or the "
+                   "official SiT / LayerSync weights (a state dict or train.py's checkpoint)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--method", choices=["heun", "euler"], default="heun")
     p.add_argument("--steps", type=int, default=50, help="ODE steps (Heun: 2 evaluations each)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance; 1: none")
-    p.add_argument("--n", type=int, help="number of images, labels i %% num_classes (default: 8 "
-                   "per class); --grid draws one row per class, so --n must then be a multiple of "
-                   "the number of classes (--class-label: one row)")
+    p.add_argument("--n", type=int, help="images, labels i %% num_classes (default: 8 per class; "
+                   "--grid draws a row per class, so a multiple of the classes)")
     p.add_argument("--class-label", type=int, help="sample only this class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", type=device_arg,
-                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else
+                   "cpu")
     p.add_argument("--grid", help="write a PNG grid here")
     p.add_argument("--npz", help="write arr_0 (uint8 N,H,W,3) and arr_1 (labels), the ADM format")
-    p.add_argument("--fid", nargs="?", const=True, metavar="RUN_DIR",
-                   help="FID against the run's own training data (needs torch-fidelity): of "
-                        "--ckpt, or of each snapshot of RUN_DIR (ema_<step>.pt, last.pt) not yet "
-                        "in RUN_DIR/fid.csv, oldest first, a row each (--n then defaults to 10000)")
-    p.add_argument("--fid-weights", metavar="PATH", help="torch-fidelity's Inception weights "
-                   "(weights-inception-2015-12-05-6726825d.pth), for a machine without internet")
+    p.add_argument("--fid", nargs="?", const=True, metavar="RUN_DIR", help="FID against the run's "
+                   "own training data (torch-fidelity): of --ckpt, or of each snapshot of RUN_DIR "
+                   "not yet in RUN_DIR/fid.csv, a row each (--n then defaults to 10000)")
+    p.add_argument("--fid-weights", metavar="PATH", help="torch-fidelity's Inception weights, "
+                   "weights-inception-2015-12-05-6726825d.pth, for a machine without internet")
     p.add_argument("--data-dir", help="where CIFAR-10 is (default: the run's own, else ./data)")
-    p.add_argument("--probe", action="store_true",
-                   help="linear probe of every block: print a table, write a CSV")
-    p.add_argument("--probe-t", type=probe_levels, default="1.0,0.5",
-                   help="noise levels of the probe (t = 1 is clean data)")
-    p.add_argument("--probe-data", metavar="FOLDER", help="probe on this image folder (one "
-                   "sub-folder per class), not the run's own data; needed for official weights")
+    p.add_argument("--probe", action="store_true", help="linear probe of every block, to a CSV")
+    p.add_argument("--probe-t", type=probe_levels, default="1.0,0.5", help="its noise levels")
+    p.add_argument("--probe-data", metavar="FOLDER", help="probe on this image folder (a folder "
+                   "per class), not the run's own data; needed for official weights")
     p.add_argument("--probe-csv", help="where --probe writes (default: beside --ckpt)")
-    p.add_argument("--num-heads", type=int, help="attention heads of official weights whose shape "
-                   "is no SiT preset (the weights do not say)")
-    p.add_argument("--vae", help="the diffusers AutoencoderKL of a latent model, a hub name or a "
-                   "local folder (default: stabilityai/sd-vae-ft-ema, behind the paper's FIDs)")
+    p.add_argument("--num-heads", type=int, help="heads of official weights of no preset's shape")
+    p.add_argument("--vae", help="a latent model's diffusers AutoencoderKL, a hub name or a folder "
+                   "(default: stabilityai/sd-vae-ft-ema, behind the paper's FIDs)")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="train_cifar.py runs to compare")
     p.add_argument("--figure", default="compare.png", help="the PNG that --compare writes")
     args = p.parse_args(argv)
-    args.fid_run = None
+    args.fid_run = args.fid if isinstance(args.fid, str) and os.path.isdir(args.fid) else None
     if isinstance(args.fid, str):  # --fid PATH: a run folder, or one checkpoint file
-        if args.ckpt:
-            p.error("give --fid RUN_DIR, or --ckpt PATH --fid; not both")
-        if os.path.isdir(args.fid) and (args.grid or args.npz or args.probe):
-            p.error("--fid RUN_DIR writes only its fid.csv; --grid, --npz and --probe take --ckpt")
-        args.fid_run = args.fid if os.path.isdir(args.fid) else None
+        if args.ckpt or (args.fid_run and (args.grid or args.npz or args.probe)):
+            p.error("--fid RUN_DIR writes only its fid.csv; --ckpt PATH --fid scores one file")
         args.ckpt = args.fid
     if args.compare:
         if args.ckpt:
@@ -194,12 +185,14 @@ def load_vae(args):
         fail(f"--vae {name}: no such folder")
     logging.set_verbosity_error()
     try:
-        vae = AutoencoderKL.from_pretrained(os.path.expanduser(name))
+        return AutoencoderKL.from_pretrained(os.path.expanduser(name)).to(args.device).eval()
     except Exception as error:  # offline, a wrong name, a folder without its config.json
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        fail(f"--vae {name}: cannot load it ({type(error).__name__}: {first}). Download it once "
-             f"with internet (huggingface caches it), or pass --vae LOCAL_FOLDER")
-    return vae.to(args.device).eval()
+        fail(f"--vae {name}: cannot load it ({first_line(error)}). Download it once with internet "
+             f"(huggingface caches it), or pass --vae LOCAL_FOLDER")
+
+
+def first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
 
 
 @torch.no_grad()
@@ -281,9 +274,8 @@ def prepare_fid(args, config: dict) -> dict:
     try:  # torch-fidelity downloads these weights on first use
         torch_fidelity.utils.create_feature_extractor(FID_EXTRACTOR, [layer], **options)
     except Exception as error:
-        fail(f"--fid: torch-fidelity could not load its Inception weights ({type(error).__name__}: "
-             f"{str(error).strip().splitlines()[0][:200]}); without internet, pass --fid-weights "
-             f"PATH")
+        fail(f"--fid: torch-fidelity could not load its Inception weights ({first_line(error)}); "
+             f"without internet, pass --fid-weights PATH")
     # the reference's statistics are cached by torch-fidelity: computed once per dataset and size
     return dict(options, input2=UInt8Images(reference.unbind()),
                 input2_cache_name=f"layersync-{name}-{size}px-{len(reference)}")
@@ -692,8 +684,8 @@ def main(argv=None):
         probe_checkpoint(args, loaded, vae)
         if not (args.grid or args.npz or args.fid):
             return
-    labels = torch.arange(n) % num_classes if args.class_label is None else \
-        torch.full((n,), args.class_label)
+    labels = torch.arange(n) % num_classes if args.class_label is None else torch.full(
+        (n,), args.class_label)
     images = generate(args, loaded, labels, vae)
     print(f"{len(images)} images from {what(loaded, args)}, {args.method} {args.steps} steps, "
           f"cfg {args.cfg_scale}")

@@ -718,8 +718,8 @@ def test_readme_quick_start_runs_as_printed_at_a_smaller_scale(tmp_path):
     block = readme.split("## Quick start")[1].split("```bash\n")[1].split("```")[0]
     smaller = {"--image-size 16": "--image-size 8", "--depth 8": "--depth 3",
                "--hidden-size 64": "--hidden-size 16", "--num-heads 4": "--num-heads 2",
-               "--batch-size 32": "--batch-size 8", "--steps 600": "--steps 4",
-               "--log-every 20": "--log-every 2", "--sample-every 300": "--sample-every 2",
+               "--batch-size 64": "--batch-size 8", "--steps 1200": "--steps 4",
+               "--log-every 40": "--log-every 2", "--sample-every 600": "--sample-every 2",
                "--sample-steps 20": "--sample-steps 2"}
     for big, small in smaller.items():
         assert big in block, big
