@@ -557,8 +557,8 @@ def compare_figure(arms: list, path: str):
                  for t in probe.accuracy}, reverse=True)
     fig = plt.figure(figsize=(26, 11), layout="constrained")
     grid = fig.add_gridspec(2, 4)
-    ax_loss, ax_block, ax_student, ax_fid = (fig.add_subplot(grid[0, i]) for i in range(4))
-    ax_cosine, ax_update = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
+    ax_loss, ax_block, ax_student, ax_fid, ax_cosine, ax_update = (
+        fig.add_subplot(grid[i // 4, i % 4]) for i in range(6))
     ax_sync = ax_loss.twinx()
 
     def band(ax, curve, colour, style="-", marker=None):
@@ -570,8 +570,7 @@ def compare_figure(arms: list, path: str):
     reference = baseline_arm(arms) or arms[0]
     base = dict(zip(*over_seeds([{row["step"]: row["fm"] for row in run.metrics}
                                  for run in reference.runs])[:2]))
-    for i, arm in enumerate(arms):
-        colour = colours[i % len(colours)]
+    for arm, colour in zip(arms, colours * len(arms)):
         band(ax_loss, over_seeds([{row["step"]: 100 * (row["fm"] / base[row["step"]] - 1)
                                    for row in run.metrics if row["step"] in base}
                                   for run in arm.runs]), colour)
@@ -579,12 +578,12 @@ def compare_figure(arms: list, path: str):
                                   for run in arm.runs]), colour, "--")
         if fid_curve(arm)[0]:
             band(ax_fid, fid_curve(arm), colour, "-", "o")
-        for j, t in enumerate(ts):
+        for t, style in zip(ts, styles * len(ts)):
             for ax, table in ((ax_block, "accuracy"), (ax_cosine, "teacher_cosine"),
                               (ax_update, "relative_update")):
                 if seeds := per_block(arm, table, t):
                     blocks, mean, _, _ = curve = over_seeds(seeds)
-                    band(ax, curve, colour, styles[j % 4], ".")
+                    band(ax, curve, colour, style, ".")
                     for k, marker in ((arm.student, "v"), (arm.teacher, "*")):
                         if k in blocks:
                             ax.plot([k], [mean[blocks.index(k)]], marker=marker, markersize=13,
@@ -592,44 +591,43 @@ def compare_figure(arms: list, path: str):
             history = [{step: 100 * probe.accuracy[t][arm.student]
                         for step, probe in run.probes.items()
                         if arm.student in probe.accuracy.get(t, {})} for run in arm.runs]
-            band(ax_student, over_seeds([h for h in history if h]), colour, styles[j % 4], "o")
-    arm_keys = [Line2D([], [], color=colours[i % len(colours)],
-                       label=f"{arm.label} ({len(arm.runs)} seed{'s' * (len(arm.runs) > 1)})")
-                for i, arm in enumerate(arms)]
-    t_keys = [Line2D([], [], color="black", linestyle=styles[j % 4], label=f"probe at t={t:g}")
-              for j, t in enumerate(ts)]
+            band(ax_student, over_seeds([h for h in history if h]), colour, style, "o")
+    arm_keys = [Line2D([], [], color=colour, label=f"{arm.label} ({len(arm.runs)} seed"
+                       f"{'s' * (len(arm.runs) > 1)})")
+                for arm, colour in zip(arms, colours * len(arms))]
+    t_keys = [Line2D([], [], color="black", linestyle=style, label=f"probe at t={t:g}")
+              for t, style in zip(ts, styles * len(ts))]
     markers = [Line2D([], [], marker=m, color="grey", markeredgecolor="black", linestyle="none",
-                      markersize=10, label=f"{role} block")
-               for m, role in (("v", "student"), ("*", "teacher"))]
-    ax_loss.set(title=f"(a) training losses: mean over seeds, band = min..max;\nflow matching "
-                      f"relative to the mean of {reference.label}", xlabel="step",
-                ylabel=f"flow-matching loss, Eq. 1: % above {reference.label} (solid)")
+                      markersize=10, label=f"{role} block") for m, role in (("v", "student"),
+                                                                            ("*", "teacher"))]
+    lines = [Line2D([], [], color="black", linestyle=style, label=label)
+             for style, label in (("-", "fm (left axis)"), ("--", "LayerSync (right axis)"))]
+    chance = 100 / arms[0].runs[0].config["model"]["num_classes"]
+    for ax, title, xlabel, ylabel, keys in (
+            (ax_loss, f"(a) training losses: mean over seeds, band = min..max;\nflow matching "
+             f"relative to the mean of {reference.label}", "step", "flow-matching loss, Eq. 1: "
+             f"% above {reference.label} (solid)", arm_keys + lines),
+            (ax_block, "(b) linear probe of every block, at the last probed step", "block",
+             "probe top-1 accuracy (%), dotted: chance", arm_keys + t_keys + markers),
+            (ax_student, "(c) the student block's probe accuracy over training", "step",
+             "probe top-1 accuracy (%), dotted: chance", arm_keys + t_keys),
+            (ax_cosine, "(d) each block's mean per-token cosine to the teacher block:\nall "
+             "blocks between student and teacher near 1 = collapse", "block",
+             "cosine to the teacher block", arm_keys + t_keys + markers),
+            (ax_update, "(e) each block's relative update ||h_k - h_(k-1)|| / ||h_(k-1)||:\nhow "
+             "much the block writes to the residual stream (h_0: input tokens)", "block",
+             "relative update, mean over tokens", arm_keys + t_keys + markers),
+            (ax_fid, "(g) FID over training (sample.py --fid RUN_DIR), lower is better", "step",
+             "FID against the training data", arm_keys * any(fid_curve(arm)[0] for arm in arms))):
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        if keys:
+            ax.legend(handles=keys, fontsize=9, loc="center right" if ax is ax_loss else "best")
+        if xlabel == "block":
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        if "chance" in ylabel:
+            ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":")
     ax_sync.set_ylabel("LayerSync term, Eq. 2: -cosine (dashed)")
-    ax_loss.legend(handles=arm_keys + [Line2D([], [], color="black", label="fm (left axis)"),
-                                       Line2D([], [], color="black", linestyle="--",
-                                              label="LayerSync (right axis)")],
-                   fontsize=9, loc="center right")
-    for ax in (ax_block, ax_student):
-        ax.axhline(100 / arms[0].runs[0].config["model"]["num_classes"], color="grey",
-                   linewidth=0.8, linestyle=":")
-        ax.set_ylabel("probe top-1 accuracy (%), dotted: chance")
-    ax_block.set(title="(b) linear probe of every block, at the last probed step", xlabel="block")
-    ax_cosine.set(title="(d) each block's mean per-token cosine to the teacher block:\n"
-                        "all blocks between student and teacher near 1 = collapse",
-                  xlabel="block", ylabel="cosine to the teacher block")
-    ax_update.set(title="(e) each block's relative update ||h_k - h_(k-1)|| / ||h_(k-1)||:\n"
-                        "how much the block writes to the residual stream (h_0: input tokens)",
-                  xlabel="block", ylabel="relative update, mean over tokens")
-    for ax in (ax_block, ax_cosine, ax_update):
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(handles=arm_keys + t_keys + markers, fontsize=9)
-    ax_student.set(title="(c) the student block's probe accuracy over training", xlabel="step")
-    ax_student.legend(handles=arm_keys + t_keys, fontsize=9)
-    ax_fid.set(title="(g) FID over training (sample.py --fid RUN_DIR), lower is better",
-               xlabel="step", ylabel="FID against the training data")
-    if any(run.fid for arm in arms for run in arm.runs):
-        ax_fid.legend(handles=arm_keys, fontsize=9)
-    else:
+    if not ax_fid.get_legend():
         ax_fid.text(0.5, 0.5, "no fid.csv in these runs:\npython sample.py --fid RUN_DIR",
                     ha="center", transform=ax_fid.transAxes)
     pictures = grid[1, 2:].subgridspec(1, len(arms))
