@@ -444,7 +444,7 @@ def guided_velocity(model: SiT, y: torch.Tensor, cfg_scale: float = 1.0):
     """Classifier-free guidance: v = v_uncond + w (v_cond - v_uncond), as a velocity_fn(x, t).
 
     Both halves share one batched forward; the null class is `num_classes`; every channel is
-    guided (DiT's code guides the first 3 of 4, to reproduce its paper). cfg_scale 1: one forward.
+    guided (DiT's code, and SiT's after it, guide 3 of 4, to match DiT). cfg_scale 1: one forward.
     """
     if model.training:
         raise ValueError("guided_velocity: call model.eval() first (training mode drops labels)")

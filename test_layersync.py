@@ -844,6 +844,12 @@ def test_resume_from_the_checkpoint_alone(image_folder, tmp_path, capsys):
     # the bar spells out Eq. 3: fm + lambda x layersync = loss
     assert re.search(r"fm \d\.\d{4} \+ 0\.2 x layersync -?\d\.\d{3} = -?\d\.\d{4}", printed.err)
     assert checkpoint(tmp_path / "resumed")["config"]["lr"] == 1e-3
+    # a given weight decay acts on the optimizer; a new seed is refused (the RNG is the run's)
+    train_cifar.main([*resumed, "--steps", "9", "--weight-decay", "0.1"])
+    assert {g["weight_decay"] for g in checkpoint(tmp_path / "resumed")["optimizer"][
+        "param_groups"]} == {0.1}
+    assert_refused(run_error([*resumed, "--steps", "10", "--seed", "5"]), "seed")
+    assert checkpoint(tmp_path / "resumed")["step"] == 9
 
 
 def test_sklearn_digits_are_built_in(tmp_path, monkeypatch):

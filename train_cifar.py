@@ -548,8 +548,8 @@ def resume(checkpoint: dict, parts: Parts, batches, args) -> int:
     parts.model.load_state_dict(checkpoint["model"])
     parts.ema.load_state_dict(checkpoint["ema"])
     parts.optimizer.load_state_dict(checkpoint["optimizer"])
-    for group in parts.optimizer.param_groups:
-        group["lr"] = args.lr
+    for group in parts.optimizer.param_groups:  # the settings a resume may change
+        group["lr"], group["weight_decay"] = args.lr, args.weight_decay
     restore_rng(checkpoint["rng"], args.device, batches, checkpoint["step"], args.seed)
     changed = ", ".join(args.changed) or "none"
     say(f"resumed at step {checkpoint['step']} of {args.steps}; settings changed: {changed}")
@@ -561,8 +561,9 @@ def check_resume_config(old: dict, new: dict, path: str):
     diff = [f"{k}: {old['model'].get(k)} in the checkpoint, {new['model'].get(k)} now"
             for k in sorted(set(old["model"]) | set(new["model"]))
             if old["model"].get(k) != new["model"].get(k)]
-    diff += [f"{k}: {old.get(k)} in the checkpoint, {new[k]} now" for k in ("data", "classes")
-             if old.get(k) != new[k]]
+    # the seed too: the resumed RNG streams would ignore a new one
+    diff += [f"{k}: {old.get(k)} in the checkpoint, {new[k]} now"
+             for k in ("data", "classes", "seed") if old.get(k) != new[k]]
     if diff:
         fail(f"{path} belongs to another configuration ({'; '.join(diff)}); "
              f"resume with the same model and data flags, or start a new run in another --out")
