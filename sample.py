@@ -60,8 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--grid", help="write a PNG grid here")
     p.add_argument("--npz", help="write arr_0 (uint8 N,H,W,3) and arr_1 (labels), the ADM format")
     p.add_argument("--fid", nargs="?", const=True, metavar="RUN_DIR", help="FID against the run's "
-                   "own training data (torch-fidelity): of --ckpt, or of each snapshot of RUN_DIR "
-                   "not yet in RUN_DIR/fid.csv, a row each (--n then defaults to 10000)")
+                   "own training data (torch-fidelity), of 10,000 images unless --n says: of "
+                   "--ckpt, or of each snapshot of RUN_DIR not yet in RUN_DIR/fid.csv, a row each")
     p.add_argument("--fid-weights", metavar="PATH", help="torch-fidelity's Inception weights, "
                    "weights-inception-2015-12-05-6726825d.pth, for a machine without internet")
     p.add_argument("--data-dir", help="where CIFAR-10 is (default: the run's own, else ./data)")
@@ -258,10 +258,14 @@ def prepare_fid(args, config: dict) -> dict:
              "write --npz and score it with the ADM evaluation suite (openai/guided-diffusion, "
              "evaluations/), as the paper did")
     if args.fid_weights:  # torch-fidelity loads it with weights_only=False: read it safely first
-        weights = read_torch_file(args.fid_weights) if os.path.isfile(args.fid_weights) else None
+        try:  # weights_only: a file that needs code to load is refused before any of it runs
+            weights = torch.load(args.fid_weights, map_location="cpu", weights_only=True)
+        except Exception:  # no such file, no torch file, or one that would run code
+            weights = None
         if not (isinstance(weights, dict) and weights
                 and all(isinstance(v, torch.Tensor) for v in weights.values())):
-            fail(f"--fid-weights {args.fid_weights}: not a file holding a state dict of tensors")
+            fail(f"--fid-weights {args.fid_weights}: not a file of plain tensors (a state dict) "
+                 f"that loads without running code")
     data, size = config["data"], config["model"]["input_size"]
     if os.path.isabs(data) and not os.path.isdir(data):  # a folder (built-ins are names)
         fail(f"--fid: the run trained on {data}, which is gone; FID needs those images")
@@ -345,7 +349,8 @@ def probe_checkpoint(args, loaded: Loaded, vae=None):
                                   config["model"]["input_size"] * (8 if vae else 1))
     data = probe_split(source, data_dir(args, config), images, labels,
                        (lambda x: encode(vae, x, args.device)) if vae else None)
-    folder, name = os.path.split(os.path.abspath(args.ckpt))
+    folder, name = os.path.split(os.path.join(os.path.abspath(args.ckpt), "last.pt")
+                                 if os.path.isdir(args.ckpt) else os.path.abspath(args.ckpt))
     default = f"probe_{step:07d}.csv" if step is not None else f"probe_{name.rsplit('.', 1)[0]}.csv"
     path = args.probe_csv or os.path.join(folder, default)
     pairs = config.get("layersync_pairs") or []
@@ -672,7 +677,7 @@ def main(argv=None):
     check_sampling(args, model)
     num_classes = model.num_classes
     rows = num_classes if args.class_label is None else 1  # one row per class
-    n = args.n or 8 * rows
+    n = args.n or (10_000 if args.fid else 8 * rows)  # FID of a few images means nothing
     if args.grid and n % rows:
         fail(f"--n {n} with --grid: the grid has one row per class, so give a multiple of the "
              f"{num_classes} classes, e.g. --n {8 * num_classes}, or one --class-label")

@@ -955,7 +955,8 @@ def test_resume_edge_cases(image_folder, tmp_path, monkeypatch):
     # the same folder spelled relative to another working directory is the same data
     monkeypatch.chdir(os.path.dirname(image_folder))
     with open(out / "metrics.csv", "a") as f:
-        f.write("garbage,row\n3,not,a,number\n")  # a hand edit, a line cut by kill -9
+        # hand edits (a label, an extra field, text for a number) and a line cut by kill -9
+        f.write("garbage,row\n1,2,3,4,5,6,7,8\n2,1,1,1,1,x,\n3,not,a,number\n")
     train(os.path.basename(image_folder), out, "--steps", "3", "--resume", "--log-every", "1")
     assert [r["step"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["1", "2", "3"]
     # renamed class folders would shift every label: refused
@@ -1176,9 +1177,8 @@ def test_crash_while_saving_keeps_the_old_checkpoint(image_folder, tmp_path, mon
     monkeypatch.setattr(train_cifar.torch, "save", broken_save)
     with pytest.raises(SystemExit if isinstance(crash, OSError) else KeyboardInterrupt) as error:
         train(image_folder, out, "--steps", "4", "--resume")
-    if isinstance(crash, OSError):  # a full disk: one line that says the old checkpoint is intact
-        message = str(error.value.code)
-        assert "No space left" in message and "intact" in message and "\n" not in message
+    if isinstance(crash, OSError):  # a full disk: one line naming the file and the problem
+        assert_refused(str(error.value.code), str(out / "last.pt"), "No space left")
     monkeypatch.undo()
     assert (out / "last.pt").read_bytes() == before
     assert checkpoint(out)["step"] == 2
@@ -1190,9 +1190,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, 
     poison_training_loss(monkeypatch, 4, lambda out: out.update(loss=out["loss"] * float("nan")))
     out = tmp_path / "run"
     message = run_error(["--data", image_folder, "--out", str(out), *TINY, "--steps", "8",
-                         "--ckpt-every", "2", "--log-every", "3"])
+                         "--ckpt-every", "2", "--keep-every", "5", "--log-every", "3"])
     assert "non-finite at step 4" in message and "last.pt" in message
     assert checkpoint(out)["step"] == 2
+    assert not (out / "ema_0000005.pt").exists()  # no snapshot of poisoned weights either
 
 
 def test_ctrl_c_finishes_the_step_saves_and_stops(image_folder, tmp_path, monkeypatch):
@@ -1583,7 +1584,7 @@ def test_fid_refusals_are_one_line_before_any_sampling(image_folder, tmp_path, f
             (["--fid", str(out), "--fid-weights", "missing.pt"], ["--fid-weights missing.pt"]),
             (["--fid", str(out), "--fid-weights", "mixed.pt"], ["--fid-weights mixed.pt"]),
             (["--fid", str(out), "--fid-weights", "list.pt"], ["--fid-weights list.pt"]),
-            (["--fid", str(out), "--fid-weights", "code.pt"], ["code.pt", "not loaded"])):
+            (["--fid", str(out), "--fid-weights", "code.pt"], ["--fid-weights code.pt"])):
         error = run_error([*argv, "--device", "cpu"], sample_script.main)
         assert error.startswith("error: ") and "\n" not in error, error
         assert all(fragment in error for fragment in fragments), error
@@ -1951,6 +1952,31 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(image_folder, tmp_path):
     assert "non-finite at step 3" in ours[0]
     assert checkpoint(tmp_path / "run")["step"] == 2  # the last good state
 
+
+
+def test_a_refusal_on_one_rank_alone_stops_every_rank_with_its_message(image_folder, tmp_path):
+    """Rank 1 alone cannot read the data (say, its download failed): both ranks stop before any
+    work, and the user reads rank 1's one-line message, printed once."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import train_cifar\n"
+        "real = train_cifar.load_data\n"
+        "def load_data(*args):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        train_cifar.fail('rank 1 could not read the data')\n"
+        "    return real(*args)\n"
+        "train_cifar.load_data = load_data\n"
+        "train_cifar.main()\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), "--data", image_folder, "--out", str(tmp_path / "run"), *TINY, *DDP]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and ours == ["error: rank 1 could not read the data"], \
+        result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 # ================================================================ 8. CUDA, and the prepared GPU run
 #

@@ -141,8 +141,11 @@ def device_arg(text: str) -> torch.device:
 
 def probe_levels(text: str) -> list:
     """--probe-t: noise levels in [0, 1], comma-separated."""
-    ts = [float(item) for item in text.split(",") if re.fullmatch(r"[\d.]+", item.strip())]
-    if not ts or len(ts) < len(text.split(",")) or not all(0 <= t <= 1 for t in ts):
+    try:
+        ts = [float(item) for item in text.split(",")]
+    except ValueError:
+        ts = []
+    if not ts or not all(0 <= t <= 1 for t in ts):
         fail(f"--probe-t {text}: give noise levels in [0, 1], comma-separated, e.g. 1.0,0.5")
     return ts
 
@@ -330,9 +333,15 @@ def build(args, config: dict, device) -> Parts:
 # ------------------------------------------------------------------ training
 
 def train(args):
-    run = prepare(args)
+    try:
+        run = prepare(args)
+    except SystemExit as refusal:  # one rank's alone (its download failed) still stops them all
+        stop_together(str(refusal.code))
+    stop_together(None)
     if run is None:
         return
+    if master_process:  # only now, when no rank has refused the run
+        os.makedirs(args.out, exist_ok=True)
     device, pairs, ckpt_path = args.device, args.pairs, os.path.join(args.out, "last.pt")
     parts = build(args, run.config["model"], device)
     batches = DeviceBatches(run.images, run.labels, args.batch_size, args.seed, device, args.hflip)
@@ -362,6 +371,7 @@ def train(args):
                 non_finite.check()
                 save(ckpt_path, parts, step, run.config, batches)
             if due(args.keep_every):  # an EMA snapshot kept for good: FID over training
+                non_finite.check()
                 save(os.path.join(args.out, f"ema_{step:07d}.pt"), parts, step, run.config)
             if due(args.sample_every):  # EMA samples, the same noise each time
                 non_finite.check()
@@ -455,8 +465,6 @@ def prepare(args):
                 f"nothing to do; give a larger --steps to train on")
             return None
     probe = probe_split(args.data, args.data_dir, images, labels) if args.probe_every else None
-    if master_process:
-        os.makedirs(args.out, exist_ok=True)
     return SimpleNamespace(checkpoint=checkpoint, images=images, labels=labels, classes=classes,
                            probe_data=probe, config=config)
 
@@ -493,8 +501,8 @@ def save(path: str, parts: Parts, step: int, config: dict, batches=None):
             save_checkpoint(path, state)
         stop_together(None)
     except OSError as problem:  # a full disk, a quota, a vanished mount
-        stop_together(f"error: could not write {path} at step {step} ({problem}); the previous "
-                      f"file there is intact. Free some space and rerun with --resume.")
+        stop_together(f"error: could not write {path} at step {step} ({problem}); last.pt "
+                      f"holds the last saved state. Free some space and rerun with --resume.")
 
 
 def save_checkpoint(path: str, state: dict):
@@ -582,7 +590,7 @@ def load_cifar10(data_dir: str, train: bool = True):
     try:
         data = CIFAR10(data_dir, train=train, download=True)
     except Exception as error:  # offline, a broken archive, a truncated batch file
-        if not existed:  # the failed download made it: a refusal leaves nothing behind
+        if not (existed or ddp):  # the failed download made it: a refusal leaves nothing behind
             shutil.rmtree(data_dir, ignore_errors=True)
         fail(f"could not load CIFAR-10 from {os.path.abspath(data_dir)} ({type(error).__name__}: "
              f"{error}). Without internet, download cifar-10-python.tar.gz from "
@@ -672,8 +680,9 @@ def probe_split(data: str, data_dir: str, images, labels, encode=None) -> ProbeD
     10,000-image test split scores. An image folder: every 5th image of each class (in file-name
     order) scores, the rest (at most 10,000) fit; the generator still trains on all of them.
     encode: what the model reads, of images in [-1, 1] (a VAE's latents; default: the images)."""
-    def to_input(pixels):
-        return encode(from_pixels(pixels)) if encode else from_pixels(pixels)
+    def to_input(pixels):  # in chunks: a VAE's float input would not fit in memory at once
+        return torch.cat([encode(from_pixels(part)) for part in pixels.split(256)]) if encode \
+            else from_pixels(pixels)
     if data == "cifar10":
         scored, scored_labels, _ = load_cifar10(data_dir, train=False)
         seeded = torch.Generator().manual_seed(PROBE_SEED)
@@ -917,8 +926,7 @@ class CsvLog:
             return
         if resume_step and os.path.exists(path):
             with open(path, newline="") as f:
-                self.rows = [row for row in csv.DictReader(f) if None not in row.values()
-                             and row["step"].isdigit() and int(row["step"]) <= resume_step]
+                self.rows = [row for row in csv.DictReader(f) if readable(row, resume_step)]
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=fields)
         self.writer.writeheader()
@@ -935,6 +943,15 @@ class CsvLog:
     def close(self):
         if self.file:
             self.file.close()
+
+
+def readable(row: dict, resume_step: int) -> bool:
+    """A CSV row up to the resume step, neither cut short by a kill nor spoiled by a hand edit."""
+    try:
+        [float(value) for value in row.values() if value != ""]  # None (cut short) or text: no
+        return None not in row and int(row["step"]) <= resume_step
+    except (TypeError, ValueError):
+        return False
 
 
 def main(argv=None):
