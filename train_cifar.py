@@ -333,15 +333,9 @@ def build(args, config: dict, device) -> Parts:
 # ------------------------------------------------------------------ training
 
 def train(args):
-    try:
-        run = prepare(args)
-    except SystemExit as refusal:  # one rank's alone (its download failed) still stops them all
-        stop_together(str(refusal.code))
-    stop_together(None)
+    run = prepare_on_every_rank(args)
     if run is None:
         return
-    if master_process:  # only now, when no rank has refused the run
-        os.makedirs(args.out, exist_ok=True)
     device, pairs, ckpt_path = args.device, args.pairs, os.path.join(args.out, "last.pt")
     parts = build(args, run.config["model"], device)
     batches = DeviceBatches(run.images, run.labels, args.batch_size, args.seed, device, args.hflip)
@@ -439,6 +433,19 @@ def train_flops_per_image(config: dict) -> float:
     tokens, h = (config["input_size"] // config["patch_size"]) ** 2, config["hidden_size"]
     patch_io = 2 * tokens * h * config["patch_size"] ** 2 * config["in_channels"]
     return 6 * (config["depth"] * (12 * tokens * h * h + 2 * tokens * tokens * h) + patch_io)
+
+
+def prepare_on_every_rank(args):
+    """prepare() on every rank; a refusal on one rank alone (its download failed) stops them all,
+    with its message. --out is made only then."""
+    try:
+        run = prepare(args)
+    except SystemExit as refusal:
+        stop_together(str(refusal.code))
+    stop_together(None)
+    if run is not None and master_process:
+        os.makedirs(args.out, exist_ok=True)
+    return run
 
 
 def prepare(args):
