@@ -319,7 +319,7 @@ def sit_from_official(state_dict: dict, num_heads=None) -> "SiT":
         raise ValueError("sit_from_official: the stored pos_embed is not the fixed 2D sin-cos "
                          "table this SiT uses; these weights belong to another model")
     def ours(name: str) -> str:
-        return reduce(lambda name, names: name.replace(*names), OFFICIAL_NAMES.items(), name)
+        return reduce(lambda text, pair: text.replace(*pair), OFFICIAL_NAMES.items(), name)
     renamed = {ours(name): tensor for name, tensor in state_dict.items() if name != "pos_embed"}
     head = renamed["final_layer.linear.weight"]
     if head.shape[0] == patch * patch * 2 * channels:  # learn_sigma: rows ordered (p, q, 2C)

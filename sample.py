@@ -546,6 +546,31 @@ def speedup_lines(arms: list) -> list:
     return lines
 
 
+def band(ax, curve, colour, style="-", marker=None):
+    """A curve over seeds (xs, mean, min, max): the mean, and the min..max band if they differ."""
+    xs, mean, low, high = curve
+    ax.plot(xs, mean, color=colour, linestyle=style, marker=marker)
+    if any(lo != hi for lo, hi in zip(low, high)):
+        ax.fill_between(xs, low, high, color=colour, alpha=0.2, linewidth=0)
+
+
+def plot_blocks(arm: Arm, t: float, colour, style, ax_block, ax_cosine, ax_update, ax_student):
+    """One arm at one noise level: every block's probe, cosine to the teacher and relative update
+    (student and teacher marked), and the student's probe over training."""
+    for ax, table in ((ax_block, "accuracy"), (ax_cosine, "teacher_cosine"),
+                      (ax_update, "relative_update")):
+        if seeds := per_block(arm, table, t):
+            blocks, mean, _, _ = curve = over_seeds(seeds)
+            band(ax, curve, colour, style, ".")
+            for k, marker in ((arm.student, "v"), (arm.teacher, "*")):
+                if k in blocks:
+                    ax.plot([k], [mean[blocks.index(k)]], marker=marker, markersize=13,
+                            color=colour, markeredgecolor="black", linestyle="none")
+    history = [{step: 100 * probe.accuracy[t][arm.student] for step, probe in run.probes.items()
+                if arm.student in probe.accuracy.get(t, {})} for run in arm.runs]
+    band(ax_student, over_seeds([h for h in history if h]), colour, style, "o")
+
+
 def compare_figure(arms: list, path: str):
     """Panels, each the mean over an arm's seeds with a min..max band: (a) losses, the flow-matching
     loss relative to the baseline's, (b) the probe of every block, (c) the student block over
@@ -554,7 +579,6 @@ def compare_figure(arms: list, path: str):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
     from PIL import Image
 
     colours, styles = plt.rcParams["axes.prop_cycle"].by_key()["color"], ["-", "--", ":", "-."]
@@ -565,13 +589,6 @@ def compare_figure(arms: list, path: str):
     ax_loss, ax_block, ax_student, ax_fid, ax_cosine, ax_update = (
         fig.add_subplot(grid[i // 4, i % 4]) for i in range(6))
     ax_sync = ax_loss.twinx()
-
-    def band(ax, curve, colour, style="-", marker=None):
-        xs, mean, low, high = curve
-        ax.plot(xs, mean, color=colour, linestyle=style, marker=marker)
-        if any(lo != hi for lo, hi in zip(low, high)):
-            ax.fill_between(xs, low, high, color=colour, alpha=0.2, linewidth=0)
-
     reference = baseline_arm(arms) or arms[0]
     base = dict(zip(*over_seeds([{row["step"]: row["fm"] for row in run.metrics}
                                  for run in reference.runs])[:2]))
@@ -584,29 +601,27 @@ def compare_figure(arms: list, path: str):
         if fid_curve(arm)[0]:
             band(ax_fid, fid_curve(arm), colour, "-", "o")
         for t, style in zip(ts, styles * len(ts)):
-            for ax, table in ((ax_block, "accuracy"), (ax_cosine, "teacher_cosine"),
-                              (ax_update, "relative_update")):
-                if seeds := per_block(arm, table, t):
-                    blocks, mean, _, _ = curve = over_seeds(seeds)
-                    band(ax, curve, colour, style, ".")
-                    for k, marker in ((arm.student, "v"), (arm.teacher, "*")):
-                        if k in blocks:
-                            ax.plot([k], [mean[blocks.index(k)]], marker=marker, markersize=13,
-                                    color=colour, markeredgecolor="black", linestyle="none")
-            history = [{step: 100 * probe.accuracy[t][arm.student]
-                        for step, probe in run.probes.items()
-                        if arm.student in probe.accuracy.get(t, {})} for run in arm.runs]
-            band(ax_student, over_seeds([h for h in history if h]), colour, style, "o")
-    arm_keys = [Line2D([], [], color=colour, label=f"{arm.label} ({len(arm.runs)} seed"
-                       f"{'s' * (len(arm.runs) > 1)})")
-                for arm, colour in zip(arms, colours * len(arms))]
-    t_keys = [Line2D([], [], color="black", linestyle=style, label=f"probe at t={t:g}")
-              for t, style in zip(ts, styles * len(ts))]
-    markers = [Line2D([], [], marker=m, color="grey", markeredgecolor="black", linestyle="none",
-                      markersize=10, label=f"{role} block") for m, role in (("v", "student"),
-                                                                            ("*", "teacher"))]
-    lines = [Line2D([], [], color="black", linestyle=style, label=label)
-             for style, label in (("-", "fm (left axis)"), ("--", "LayerSync (right axis)"))]
+            plot_blocks(arm, t, colour, style, ax_block, ax_cosine, ax_update, ax_student)
+    label_panels((ax_loss, ax_block, ax_student, ax_cosine, ax_update, ax_fid), arms, ts,
+                 colours, styles, reference)
+    ax_sync.set_ylabel("LayerSync term, Eq. 2: -cosine (dashed)")
+    if not ax_fid.get_legend():
+        ax_fid.text(0.5, 0.5, "no fid.csv in these runs:\npython sample.py --fid RUN_DIR",
+                    ha="center", transform=ax_fid.transAxes)
+    for arm, spec in zip(arms, grid[1, 2:].subgridspec(1, len(arms))):  # (f) the last grids
+        ax = fig.add_subplot(spec)
+        ax.axis("off")
+        if arm.runs[0].grid:
+            ax.imshow(Image.open(arm.runs[0].grid), interpolation="nearest")
+            ax.set_title(f"(f) {arm.label}:\n{os.path.basename(arm.runs[0].grid)}", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def label_panels(axes: tuple, arms: list, ts: list, colours: list, styles: list, reference: Arm):
+    """Titles, axis labels, legends and the chance line of panels (a)-(e) and (g)."""
+    ax_loss, ax_block, ax_student, ax_cosine, ax_update, ax_fid = axes
+    arm_keys, t_keys, markers, lines = legend_keys(arms, ts, colours, styles)
     chance = 100 / arms[0].runs[0].config["model"]["num_classes"]
     for ax, title, xlabel, ylabel, keys in (
             (ax_loss, f"(a) training losses: mean over seeds, band = min..max;\nflow matching "
@@ -631,19 +646,23 @@ def compare_figure(arms: list, path: str):
             ax.xaxis.get_major_locator().set_params(integer=True)
         if "chance" in ylabel:
             ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":")
-    ax_sync.set_ylabel("LayerSync term, Eq. 2: -cosine (dashed)")
-    if not ax_fid.get_legend():
-        ax_fid.text(0.5, 0.5, "no fid.csv in these runs:\npython sample.py --fid RUN_DIR",
-                    ha="center", transform=ax_fid.transAxes)
-    pictures = grid[1, 2:].subgridspec(1, len(arms))
-    for i, arm in enumerate(arms):
-        ax = fig.add_subplot(pictures[0, i])
-        ax.axis("off")
-        if arm.runs[0].grid:
-            ax.imshow(Image.open(arm.runs[0].grid), interpolation="nearest")
-            ax.set_title(f"(f) {arm.label}:\n{os.path.basename(arm.runs[0].grid)}", fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+
+def legend_keys(arms: list, ts: list, colours: list, styles: list) -> tuple:
+    """The figure's legend entries: arms by colour, noise levels by line style, the student and
+    teacher markers, and the two loss axes."""
+    from matplotlib.lines import Line2D
+    arm_keys = [Line2D([], [], color=colour, label=f"{arm.label} ({len(arm.runs)} seed"
+                       f"{'s' * (len(arm.runs) > 1)})")
+                for arm, colour in zip(arms, colours * len(arms))]
+    t_keys = [Line2D([], [], color="black", linestyle=style, label=f"probe at t={t:g}")
+              for t, style in zip(ts, styles * len(ts))]
+    markers = [Line2D([], [], marker=m, color="grey", markeredgecolor="black", linestyle="none",
+                      markersize=10, label=f"{role} block")
+               for m, role in (("v", "student"), ("*", "teacher"))]
+    lines = [Line2D([], [], color="black", linestyle=style, label=label)
+             for style, label in (("-", "fm (left axis)"), ("--", "LayerSync (right axis)"))]
+    return arm_keys, t_keys, markers, lines
 
 
 def compare(args):

@@ -344,7 +344,7 @@ def train(args):
     metrics = CsvLog(os.path.join(args.out, "metrics.csv"), METRICS_FIELDS, step)
     probes = run.probe_data and CsvLog(os.path.join(args.out, "probe.csv"), PROBE_FIELDS, step)
     non_finite, signals = NonFiniteWatch(device, ckpt_path), StopSignals()
-    log = Interval(step, device, float(metrics.rows[-1]["elapsed_s"]) if metrics.rows else 0)
+    log = Interval(step, args, float(metrics.rows[-1]["elapsed_s"] or 0) if metrics.rows else 0)
     bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, disable=not master_process)
     due = lambda every: every and (step % every == 0 or step == args.steps)  # noqa: E731
     stop_signal = 0
@@ -361,18 +361,16 @@ def train(args):
                 bar.set_postfix_str(log.write(metrics, step, args))
             pause = time.perf_counter()
             stop_signal = signals.agreed(step, args.steps)  # every rank stops at the same step
+            if stop_signal or any(map(due, (args.ckpt_every, args.keep_every, args.sample_every))):
+                non_finite.check()  # nothing is saved or drawn from non-finite weights
             if due(args.ckpt_every) or stop_signal:  # first: nothing after it can lose the run
-                non_finite.check()
                 save(ckpt_path, parts, step, run.config, batches)
             if due(args.keep_every):  # an EMA snapshot kept for good: FID over training
-                non_finite.check()
                 save(os.path.join(args.out, f"ema_{step:07d}.pt"), parts, step, run.config)
-            if due(args.sample_every):  # EMA samples, the same noise each time
-                non_finite.check()
-                if master_process:
-                    sample_grid(parts.ema, run.config["model"],
-                                os.path.join(args.out, f"samples_{step:07d}.png"),
-                                args.sample_steps, args.precision)
+            if due(args.sample_every) and master_process:  # EMA samples, the same noise each time
+                sample_grid(parts.ema, run.config["model"],
+                            os.path.join(args.out, f"samples_{step:07d}.png"), args.sample_steps,
+                            args.precision)
             if probes and master_process and due(args.probe_every):  # every block, rank 0 only
                 probe = run_probe(parts.ema, run.probe_data, args.probe_t, pairs, args.precision)
                 probes.write(probe_rows(step, probe))
@@ -380,9 +378,9 @@ def train(args):
             log.time += time.perf_counter() - pause  # img_per_s counts training time only
     finally:
         signals.restore()
-        for log in (bar, metrics, probes):
-            if log:
-                log.close()
+        for closing in (bar, metrics, probes):
+            if closing:
+                closing.close()
     if stop_signal:
         say(f"interrupted by {signal.Signals(stop_signal).name}: saved step {step} of "
             f"{args.steps} to {ckpt_path}; rerun with --out {args.out} --resume to continue",
@@ -397,9 +395,13 @@ class Interval:
     """Sums of the losses on the device since the last log, and the training time they took; the
     log line spells out Eq. 3 and, on a GPU of known peak, the model FLOPs utilisation (MFU)."""
 
-    def __init__(self, step: int, device, elapsed: float):  # elapsed: before a resume
-        self.totals = torch.zeros(4, device=device)  # loss, fm, layersync, grad norm
+    def __init__(self, step: int, args, elapsed: float):  # elapsed: before a resume
+        self.totals = torch.zeros(4, device=args.device)  # loss, fm, layersync, grad norm
         self.step, self.time, self.start = step, time.perf_counter(), time.perf_counter() - elapsed
+        name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else ""
+        peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
+        self.peak = peak * ddp_world_size if peak and args.precision == "bf16" else None
+        self.flops_per_image = train_flops_per_image(model_config(args, 10))
 
     def add(self, losses: dict, grad_norm):
         self.totals += torch.stack([losses["loss"].detach(), losses["fm"], losses["layersync"],
@@ -415,11 +417,8 @@ class Interval:
         # Eq. 3 spelled out: the total is fm + lambda * (-cosine), so it can go below 0
         lam, fm, sync = args.layersync_weight, f"fm {mean[1]:.4f}", f"layersync {mean[2]:.3f}"
         terms = f"{fm} + {lam:g} x {sync} = {mean[0]:.4f}" if lam else f"{fm}, {sync}"
-        name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else ""
-        peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
-        flops = images_per_s * train_flops_per_image(model_config(args, 10))  # all ranks' images
-        mfu = f", MFU {100 * flops / (peak * ddp_world_size):.1f}%" if peak else ""
-        return f"{terms}, {images_per_s:.0f} img/s{mfu * (args.precision == 'bf16')}"
+        mfu = images_per_s * self.flops_per_image / self.peak if self.peak else None  # all ranks
+        return f"{terms}, {images_per_s:.0f} img/s" + (f", MFU {100 * mfu:.1f}%" if mfu else "")
 
 
 # dense bf16 peak FLOP/s from the vendors' data sheets, for MFU; matched against the device name
