@@ -370,9 +370,9 @@ def probe_checkpoint(args, loaded: Loaded, vae=None):
 
 
 def what(loaded: Loaded, args) -> str:
-    weights = "raw" if args.no_ema else "EMA"
-    return f"{'the official weights' if loaded.step is None else f'step {loaded.step}'} " \
-           f"({weights} weights)"
+    """'step N (EMA weights)', or 'the official weights (raw weights)'."""
+    source = "the official weights" if loaded.step is None else f"step {loaded.step}"
+    return f"{source} ({'raw' if args.no_ema else 'EMA'} weights)"
 
 
 # ------------------------------------------------------------------ comparing runs, over seeds

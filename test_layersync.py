@@ -1518,9 +1518,11 @@ def test_fid_of_a_run_appends_a_row_per_snapshot_and_skips_on_rerun(image_folder
     score = ["--fid", str(out), "--n", "12", "--steps", "2", "--device", "cpu"]
     real_generate, samples = sample_script.generate, []
 
-    def generate(*args):
-        samples.append(real_generate(*args))
+    def generate(args, loaded, labels, *rest):
+        inputs.append((args.seed, labels.tolist()))
+        samples.append(real_generate(args, loaded, labels, *rest))
         return samples[-1]
+    inputs = []
     monkeypatch.setattr(sample_script, "generate", generate)
     sample_script.main(score)
     rows = fid_rows(out)
@@ -1533,7 +1535,8 @@ def test_fid_of_a_run_appends_a_row_per_snapshot_and_skips_on_rerun(image_folder
         features = colour_stats(images.permute(0, 3, 1, 2))
         expected = frechet_distance(features, colour_stats(reference))
         assert float(row["fid"]) == pytest.approx(expected, rel=1e-3, abs=1e-4)
-    # the same noise and labels for every snapshot: a different model, the same starting point
+    # the same noise seed and labels for every snapshot: only the weights differ
+    assert inputs[0] == inputs[1] == (0, [i % 3 for i in range(12)])
     assert not torch.equal(samples[0], samples[1])
     reference_passes = len(fid_stand_in)
     sample_script.main(score)  # a rerun: nothing new, nothing sampled

@@ -686,9 +686,11 @@ def probe_split(data: str, data_dir: str, images, labels, encode=None) -> ProbeD
     10,000-image test split scores. An image folder: every 5th image of each class (in file-name
     order) scores, the rest (at most 10,000) fit; the generator still trains on all of them.
     encode: what the model reads, of images in [-1, 1] (a VAE's latents; default: the images)."""
-    def to_input(pixels):  # in chunks: a VAE's float input would not fit in memory at once
-        return torch.cat([encode(from_pixels(part)) for part in pixels.split(256)]) if encode \
-            else from_pixels(pixels)
+    def to_input(pixels):
+        if encode is None:
+            return from_pixels(pixels)
+        # in chunks: all of a VAE's float input would not fit in memory at once
+        return torch.cat([encode(from_pixels(part)) for part in pixels.split(256)])
     if data == "cifar10":
         scored, scored_labels, _ = load_cifar10(data_dir, train=False)
         seeded = torch.Generator().manual_seed(PROBE_SEED)
