@@ -84,8 +84,7 @@ def parse_args(argv=None):
     h.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else
                    "cpu")
     h.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, else fp32")
-    h.add_argument("--no-compile", action="store_true", help="skip torch.compile (on by default "
-                   "on CUDA)")
+    h.add_argument("--no-compile", action="store_true", help="no torch.compile (default: on CUDA)")
     r = p.add_argument_group("outputs")
     r.add_argument("--out", default="runs/layersync", help="output folder")
     r.add_argument("--resume", action="store_true", help="continue <out>/last.pt up to --steps; "
@@ -343,7 +342,7 @@ def train(args):
     say(describe_run(args, run, parts.model))
     metrics = CsvLog(os.path.join(args.out, "metrics.csv"), METRICS_FIELDS, step)
     probes = run.probe_data and CsvLog(os.path.join(args.out, "probe.csv"), PROBE_FIELDS, step)
-    non_finite, signals = NonFiniteWatch(device, ckpt_path), StopSignals()
+    non_finite, signals = NonFiniteWatch(device, ckpt_path), StopSignals(device)
     log = Interval(step, args, float(metrics.rows[-1]["elapsed_s"] or 0) if metrics.rows else 0)
     bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, disable=not master_process)
     due = lambda every: every and (step % every == 0 or step == args.steps)  # noqa: E731
@@ -408,7 +407,10 @@ class Interval:
                                     grad_norm])
 
     def write(self, metrics, step: int, args) -> str:
-        mean = (all_ranks_mean(self.totals) / (step - self.step)).tolist()
+        if ddp:  # the logged losses are means over all ranks
+            dist.all_reduce(self.totals)
+            self.totals /= ddp_world_size
+        mean = (self.totals / (step - self.step)).tolist()
         now = time.perf_counter()
         images_per_s = args.batch_size * (step - self.step) / (now - self.time)
         metrics.write([dict(zip(METRICS_FIELDS, [step, *mean, images_per_s, now - self.start]))])
@@ -502,28 +504,21 @@ def save(path: str, parts: Parts, step: int, config: dict, batches=None):
     if batches is not None:
         state.update(model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
                      rng=rng_state(batches))
+    tmp = path + ".tmp"
     try:
-        if master_process:
-            save_checkpoint(path, state)
+        if master_process:  # a temporary file, then a rename: a kill while saving never breaks path
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
         stop_together(None)
     except OSError as problem:  # a full disk, a quota, a vanished mount
         stop_together(f"error: could not write {path} at step {step} ({problem}); last.pt "
                       f"holds the last saved state. Free some space and rerun with --resume.")
-
-
-def save_checkpoint(path: str, state: dict):
-    """Write to a temporary file, then rename: a kill during saving never breaks `path`."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    finally:
+        if master_process and os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 def read_torch_file(path: str):
@@ -583,10 +578,7 @@ def check_resume_config(old: dict, new: dict, path: str):
              f"resume with the same model and data flags, or start a new run in another --out")
 
 
-# ==================================================================================================
-# What a first reading can skip: data formats, the probe's data, grids, agreement between torchrun
-# processes, signals, and CSV files that survive a resume.
-# ==================================================================================================
+# ========================== what a first reading can skip: formats, probe, grids, torchrun, signals
 
 # ------------------------------------------------------------------ data formats
 
@@ -621,11 +613,16 @@ def load_digits(size: int):
     return images, torch.from_numpy(digits.target), [str(d) for d in range(10)]
 
 
-def pil_to_rgb8(image, path: str):
-    """Any image Pillow opens, as 8-bit RGB. Pillow's own convert("RGB") clips 16-bit values to
-    255 (a mid-grey 16-bit PNG turns white), so deep grey levels are rescaled here instead."""
+def read_image(path: str):
+    """ImageFolder's loader: any image Pillow opens, decoded now (so a corrupt file is named here),
+    as 8-bit RGB. Pillow's convert("RGB") clips 16-bit values (mid-grey turns white): rescaled."""
     import numpy as np
     from PIL import Image
+    try:
+        with Image.open(path) as opened:
+            image = opened.copy()  # decoded: still usable once the file is closed
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        fail(f"cannot read image {path} ({type(error).__name__}: {error}); fix or remove that file")
     if image.mode.startswith("I"):  # I;16* (16-bit PNG/TIFF) or I (how older Pillows open them)
         values = np.asarray(image)
         if values.size and (values.min() < 0 or values.max() > 65535):
@@ -639,17 +636,6 @@ def pil_to_rgb8(image, path: str):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")
-
-
-def read_image(path: str):
-    """ImageFolder's loader: decode fully now, so a corrupt or truncated file is named here."""
-    from PIL import Image
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return pil_to_rgb8(image, path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        fail(f"cannot read image {path} ({type(error).__name__}: {error}); fix or remove that file")
 
 
 def load_image_folder(path: str, size: int):
@@ -671,10 +657,8 @@ def load_image_folder(path: str, size: int):
 
 
 # ------------------------------------------------------------------ the probe's data
-#
-# The model side is layersync.linear_probe; here: which real images the classifier fits, and which
-# it is scored on. It differs from the paper's protocol (Tiny-ImageNet, trained probes on
-# SiT-XL/2): a closed-form probe on this run's own dataset, during training.
+# The model side is layersync.linear_probe; here: which real images fit the classifier and which
+# score it (the paper: Tiny-ImageNet and trained probes; here: closed form on the run's own data).
 
 PROBE_FIT_IMAGES = 10_000
 PROBE_SEED = 1234  # the fitted subset: the same for every run, apart from --seed
@@ -784,17 +768,7 @@ def sample_grid(ema, config: dict, path: str, steps: int, precision: str):
 # through a collective, so that no rank is ever left waiting in one. Refusals of bad input need
 # none: every rank reads the same flags and files, and refuses alike.
 
-STOP_GROUP = [None]  # a gloo group for signals; with NCCL the default group is on the GPU
 STOP_CHECK_EVERY = 10  # under torchrun, steps between agreeing on a Ctrl-C or SIGTERM
-
-
-def init_distributed(device: torch.device):
-    """NCCL with one GPU per process (chosen by LOCAL_RANK), or gloo on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        STOP_GROUP[0] = dist.new_group(backend="gloo")  # signals are agreed on the CPU
 
 
 def stop_together(error):
@@ -808,14 +782,6 @@ def stop_together(error):
         raise SystemExit(error)
 
 
-def all_ranks_mean(values: torch.Tensor) -> torch.Tensor:
-    """In place: the mean of `values` over the ranks."""
-    if ddp:
-        dist.all_reduce(values)  # the logged losses are means over all ranks
-        values /= ddp_world_size
-    return values
-
-
 def stream_seed(seed: int, process_rank: int) -> int:
     """The seed of one rank's noise, t and label-dropout stream: distinct for every (seed, rank)."""
     return seed * 1_000_003 + process_rank
@@ -825,20 +791,20 @@ class NonFiniteWatch:
     """Remembers, on the device and without a host sync, the first step whose loss was not finite;
     check() stops every rank with one message, before anything is saved."""
 
+    NEVER = torch.iinfo(torch.long).max
+
     def __init__(self, device, ckpt_path: str):
-        self.first_bad = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad = torch.full((), self.NEVER, device=device)
         self.ckpt_path = ckpt_path
 
-    def record(self, loss: torch.Tensor, step: int):
-        first = (self.first_bad == 0) & ~torch.isfinite(loss)
-        self.first_bad = torch.where(first, step, self.first_bad)
+    def record(self, loss: torch.Tensor, step: int):  # steps only grow: the minimum is the first
+        bad_now = self.first_bad.clamp(max=step)
+        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, bad_now)
 
     def check(self):
-        never = torch.iinfo(torch.long).max  # so that 0 (no bad step) never wins the MIN
-        bad = torch.where(self.first_bad == 0, never, self.first_bad)
         if ddp:  # the earliest bad step of any rank: a NaN spreads to all ranks in one step
-            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-        if (bad := int(bad)) != never:
+            dist.all_reduce(self.first_bad, op=dist.ReduceOp.MIN)
+        if (bad := int(self.first_bad)) != self.NEVER:
             fail(f"the loss became non-finite at step {bad}; stopped without saving, so "
                  f"{self.ckpt_path} keeps the last good state. Try a lower --lr, --precision fp32 "
                  f"or a smaller --grad-clip.")
@@ -892,10 +858,12 @@ class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM (SLURM and most schedulers) finish the step, save and stop; a
     second signal of the same kind acts at once, with the default behaviour."""
 
-    def __init__(self):
+    def __init__(self, device):
         self.received = None
         self.previous = {sig: signal.signal(sig, self.handle)
                          for sig in (signal.SIGINT, signal.SIGTERM)}
+        # agreed on the CPU: with NCCL, the default group would wait for the GPU
+        self.group = dist.new_group(backend="gloo") if ddp and device.type == "cuda" else None
 
     def handle(self, signum, _frame):
         self.received = self.received or signum
@@ -910,7 +878,7 @@ class StopSignals:
         if step % STOP_CHECK_EVERY and step != last_step:
             return 0
         flag = torch.tensor([self.received or 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=STOP_GROUP[0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return int(flag)
 
     def restore(self):
@@ -967,8 +935,10 @@ def main(argv=None):
         args = parse_args(argv)
         # TF32 for whatever still runs in fp32 on CUDA
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if ddp:
-            init_distributed(args.device)
+        if ddp:  # NCCL with one GPU per process (chosen by LOCAL_RANK), or gloo on the CPU
+            if args.device.type == "cuda":
+                torch.cuda.set_device(args.device)
+            dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
         return train(args)
     except SystemExit as stop:
         if not master_process and isinstance(stop.code, str):
@@ -980,7 +950,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        STOP_GROUP[0] = None
 
 
 if __name__ == "__main__":
