@@ -9,9 +9,8 @@ ADM-format .npz, FID), probe their blocks, score a whole run's FID, or compare r
     python sample.py --ckpt SiT-XL-2-256x256.pt --class-label 207 --n 8 --grid dogs.png
     python sample.py --ckpt SiT-XL-2-256x256.pt --probe --probe-data imagenet_subset/
 
-The checkpoint rebuilds the model, so no model flags are needed. Labels are balanced over the
-classes (i % num_classes) unless --class-label fixes one. Official models work on SD-VAE latents:
-their samples are decoded by --vae, and --probe-data images are encoded by it.
+The checkpoint rebuilds the model: no model flags. Labels are i % num_classes unless --class-label
+fixes one. Official models work on SD-VAE latents: --vae decodes them and encodes --probe-data.
 """
 
 import argparse
@@ -22,7 +21,6 @@ import json
 import math
 import os
 import re
-import sys
 from collections import namedtuple
 
 import numpy as np
@@ -81,16 +79,11 @@ def parse_args(argv=None):
         if args.ckpt or (args.fid_run and (args.grid or args.npz or args.probe)):
             p.error("--fid RUN_DIR writes only its fid.csv; --ckpt PATH --fid scores one file")
         args.ckpt = args.fid
-    if args.compare:
-        if args.ckpt:
-            p.error("--compare reads run folders; give it without --ckpt")
-        check_output_path("--figure", args.figure, (".png",))
-        return args
-    if not args.ckpt:
-        p.error("give --ckpt PATH, --fid RUN_DIR or --compare RUN ...")
+    if bool(args.ckpt) == bool(args.compare):  # --compare reads run folders, not a checkpoint
+        p.error("give one of --ckpt PATH, --fid RUN_DIR or --compare RUN ...")
     if args.fid and args.class_label is not None:
         p.error("--fid compares samples of every class with the data; drop --class-label")
-    if not (args.grid or args.npz or args.fid or args.probe):
+    if not (args.grid or args.npz or args.fid or args.probe or args.compare):
         p.error("nothing to write: give --grid PATH, --npz PATH, --fid and/or --probe")
     for name in ("n", "steps", "batch_size", "num_heads"):  # before any model is loaded
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -99,7 +92,8 @@ def parse_args(argv=None):
         fail(f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = no guidance)")
     for flag, path, extensions in (("--grid", args.grid, (".png", ".jpg", ".jpeg")),
                                    ("--npz", args.npz, (".npz",)),  # numpy would add .npz
-                                   ("--probe-csv", args.probe_csv, (".csv",))):
+                                   ("--probe-csv", args.probe_csv, (".csv",)),
+                                   ("--figure", args.compare and args.figure, (".png",))):
         if path:
             check_output_path(flag, path, extensions)
     return args
@@ -293,12 +287,12 @@ def compute_fid(images: torch.Tensor, options: dict) -> float:
                                             **options)["frechet_inception_distance"]
 
 
-def read_fid_rows(path: str) -> list:
-    """fid.csv's rows as text; a row cut short by a kill is skipped."""
+def read_csv(path: str) -> list:
+    """A CSV's rows as text, [] without the file; a row cut short by a kill is skipped."""
     if not os.path.isfile(path):
         return []
     with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if row.get("seed") not in (None, "")]
+        return [row for row in csv.DictReader(f) if None not in row.values()]
 
 
 def fid_of_run(args):
@@ -314,7 +308,7 @@ def fid_of_run(args):
         fail(f"--fid {folder}: no checkpoint in it (ema_<step>.pt or last.pt of train_cifar.py)")
     settings = {"n": args.n or 10_000, "method": args.method, "steps": args.steps,
                 "cfg_scale": args.cfg_scale, "seed": args.seed}
-    done = {row["step"] for row in read_fid_rows(path)
+    done = {row["step"] for row in read_csv(path)
             if all(row[k] == str(v) for k, v in settings.items())}
     todo = [step for step in sorted(snapshots) if str(step) not in done]
     if not todo:
@@ -387,27 +381,22 @@ Arm = namedtuple("Arm", "label runs student teacher")
 
 def read_run(folder: str) -> Run:
     """What the comparison needs from a train_cifar.py run folder."""
-    metrics_path, ckpt_path = os.path.join(folder, "metrics.csv"), os.path.join(folder, "last.pt")
-    if not (os.path.isfile(metrics_path) and os.path.isfile(ckpt_path)):
-        fail(f"--compare {folder}: not a train_cifar.py run folder (it needs metrics.csv and "
-             f"last.pt)")
-    with open(metrics_path, newline="") as f:
-        metrics = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    metrics, ckpt = os.path.join(folder, "metrics.csv"), os.path.join(folder, "last.pt")
+    if not (os.path.isfile(metrics) and os.path.isfile(ckpt)):
+        fail(f"--compare {folder}: not a train_cifar.py run folder (it needs metrics.csv, last.pt)")
     probes = {}
-    if os.path.isfile(os.path.join(folder, "probe.csv")):
-        with open(os.path.join(folder, "probe.csv"), newline="") as f:
-            for row in csv.DictReader(f):
-                probe = probes.setdefault(int(row["step"]), BlockProbe({}, {}, {}))
-                for table in probe._fields:  # teacher_cosine is empty without a teacher
-                    if row[table]:
-                        getattr(probe, table).setdefault(float(row["t"]), {})[
-                            int(row["block"])] = float(row[table])
+    for row in read_csv(os.path.join(folder, "probe.csv")):
+        probe = probes.setdefault(int(row["step"]), BlockProbe({}, {}, {}))
+        for table in probe._fields:  # teacher_cosine is empty without a teacher
+            if row[table]:
+                getattr(probe, table).setdefault(float(row["t"]), {})[int(row["block"])] = float(
+                    row[table])
     grids = sorted(glob.glob(os.path.join(folder, "samples_*.png")))
-    rows = read_fid_rows(os.path.join(folder, "fid.csv"))  # the settings of its last row
-    same = [row for row in rows if all(row[k] == rows[-1][k] for k in FID_FIELDS[3:] + ["n"])]
-    return Run(os.path.basename(os.path.normpath(folder)), run_checkpoint(ckpt_path)["config"],
-               metrics, probes, grids[-1] if grids else None,
-               {int(row["step"]): float(row["fid"]) for row in same})
+    fid = read_csv(os.path.join(folder, "fid.csv"))  # the rows with the settings of its last row
+    same = [row for row in fid if all(row[k] == fid[-1][k] for k in FID_FIELDS[1:] if k != "fid")]
+    return Run(os.path.basename(os.path.normpath(folder)), run_checkpoint(ckpt)["config"],
+               [{k: float(v) for k, v in row.items()} for row in read_csv(metrics)], probes,
+               grids[-1] if grids else None, {int(row["step"]): float(row["fid"]) for row in same})
 
 
 def group_into_arms(runs: list) -> list:
@@ -416,25 +405,22 @@ def group_into_arms(runs: list) -> list:
     groups, seen = {}, {}
     for run in runs:
         # "flags" repeats the config, with the seed and the output cadence: not part of the arm
-        key = json.dumps({k: v for k, v in run.config.items() if k not in ("seed", "flags")},
-                         sort_keys=True)
+        arm = {k: v for k, v in run.config.items() if k not in ("seed", "flags")}
+        key = json.dumps(arm, sort_keys=True)
         twin = seen.setdefault((key, run.config["seed"]), run)
         if twin is not run:  # the same config and seed: one seed, not two
             print(f"note: {run.name} repeats {twin.name} (same config, seed "
                   f"{run.config['seed']}): counted once")
         else:
-            groups.setdefault(key, []).append(run)
-    kinds = [f"LayerSync lambda {m[0].config['layersync_weight']:g}"
-             if m[0].config["layersync_weight"] else "baseline" for m in groups.values()]
+            groups.setdefault(key, (arm, []))[1].append(run)
+    kind = {key: f"LayerSync lambda {arm['layersync_weight']:g}" if arm["layersync_weight"] else
+            "baseline" for key, (arm, _) in groups.items()}
     arms = []
-    for kind, members in zip(kinds, groups.values()):
-        config, label = members[0].config, kind
-        if kinds.count(kind) > 1:  # name what differs from the other arms of the same kind
-            others = [m[0].config for k, m in zip(kinds, groups.values()) if k == kind]
-            label += ", " + ", ".join(f"{k} {config[k]}" for k in sorted(config)
-                                      if k not in ("seed", "flags")
-                                      and any(other.get(k) != config[k] for other in others))
-        arms.append(Arm(label, members, *(config.get("layersync_pairs") or [[None, None]])[0]))
+    for key, (arm, members) in groups.items():  # name what differs from arms of the same kind
+        others = [groups[other][0] for other in groups if kind[other] == kind[key]]
+        label = ", ".join([kind[key], *(f"{k} {arm[k]}" for k in sorted(arm)
+                                        if any(other.get(k) != arm[k] for other in others))])
+        arms.append(Arm(label, members, *(arm.get("layersync_pairs") or [[None, None]])[0]))
     return arms
 
 
@@ -723,4 +709,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

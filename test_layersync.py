@@ -1151,6 +1151,22 @@ def test_sample_checks_its_outputs_before_sampling(image_folder, tmp_path, monke
     assert "pip install torch-fidelity" in run_error([*base, "--fid"], sample_script.main)
 
 
+@pytest.mark.parametrize("argv, names", [
+    ([], ["--ckpt", "--compare"]),  # nothing to read
+    (["--ckpt", "a.pt", "--compare", "run"], ["--ckpt", "--compare"]),  # one or the other
+    (["--ckpt", "a.pt"], ["--grid", "--npz", "--fid", "--probe"]),  # nothing to write
+    (["--ckpt", "a.pt", "--fid", "--class-label", "1"], ["--class-label"]),
+    (["--fid", "RUN", "--ckpt", "a.pt"], ["--fid", "--ckpt"])])
+def test_sample_usage_errors_name_their_flags(tmp_path, capsys, monkeypatch, argv, names):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "RUN").mkdir()
+    with pytest.raises(SystemExit) as error:
+        sample_script.main(argv)
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # argparse: usage, then the error
+    assert error.value.code == 2 and all(name in message for name in names), message
+    assert os.listdir(tmp_path) == ["RUN"]
+
+
 def test_sample_fid_without_torch_fidelity_says_what_to_install(image_folder, tmp_path,
                                                                 monkeypatch):
     train(image_folder, tmp_path / "run", "--steps", "1")

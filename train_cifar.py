@@ -236,8 +236,7 @@ BUILT_IN_DATA = ("cifar10", "sklearn-digits")
 
 
 def load_data(data: str, data_dir: str, image_size: int):
-    """(uint8 images (N, 3, H, W), labels, class names) of a built-in dataset or an image folder;
-    the readers are in the section "data formats" below."""
+    """(uint8 images (N, 3, H, W), labels, class names); the readers: "data formats" below."""
     if data == "cifar10":
         if image_size != 32:
             fail("CIFAR-10 images are 32x32: drop --image-size or set it to 32")
@@ -670,10 +669,9 @@ def probe_split(data: str, data_dir: str, images, labels, encode=None) -> ProbeD
     10,000-image test split scores. An image folder: every 5th image of each class (in file-name
     order) scores, the rest (at most 10,000) fit; the generator still trains on all of them.
     encode: what the model reads, of images in [-1, 1] (a VAE's latents; default: the images)."""
-    def to_input(pixels):
-        if encode is None:
-            return from_pixels(pixels)
-        # in chunks: all of a VAE's float input would not fit in memory at once
+    encode = encode or (lambda x: x)
+
+    def to_input(pixels):  # in chunks: a VAE's float input of all images would not fit at once
         return torch.cat([encode(from_pixels(part)) for part in pixels.split(256)])
     if data == "cifar10":
         scored, scored_labels, _ = load_cifar10(data_dir, train=False)
@@ -763,10 +761,8 @@ def sample_grid(ema, config: dict, path: str, steps: int, precision: str):
 
 
 # ------------------------------------------------------------------ agreement between processes
-#
-# A decision that could differ between ranks (a non-finite loss, a signal, a failed save) is agreed
-# through a collective, so that no rank is ever left waiting in one. Refusals of bad input need
-# none: every rank reads the same flags and files, and refuses alike.
+# A decision that could differ between ranks (a non-finite loss, a signal, a failed save) is made
+# by a collective, so no rank waits alone in one; bad input needs none (every rank refuses alike).
 
 STOP_CHECK_EVERY = 10  # under torchrun, steps between agreeing on a Ctrl-C or SIGTERM
 
@@ -843,10 +839,9 @@ def check_ranks_agree(model):
     import hashlib
     if not ddp:
         return
-    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()
-                                     for p in model.parameters()))
+    weights = b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())
     digests = [None] * ddp_world_size
-    dist.all_gather_object(digests, digest.hexdigest())
+    dist.all_gather_object(digests, hashlib.sha256(weights).hexdigest())
     if len(set(digests)) > 1:
         fail(f"the {ddp_world_size} ranks ended with different weights; please report this")
     say(f"all {ddp_world_size} ranks hold identical weights (sha256 {digests[0][:16]})")
