@@ -94,19 +94,16 @@ def parse_args(argv=None):
                                    ("--npz", args.npz, (".npz",)),  # numpy would add .npz
                                    ("--probe-csv", args.probe_csv, (".csv",)),
                                    ("--figure", args.compare and args.figure, (".png",))):
-        if path:
-            check_output_path(flag, path, extensions)
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not path.lower().endswith(extensions):
+            fail(f"{flag} {path}: the file name must end with {' or '.join(extensions)}")
+        if not os.path.isdir(folder):
+            fail(f"{flag} {path}: the folder {folder} does not exist; create it first")
+        if os.path.isdir(path) or not os.access(folder, os.W_OK):
+            fail(f"{flag} {path}: cannot write a file there")
     return args
-
-
-def check_output_path(flag: str, path: str, extensions: tuple):
-    if not path.lower().endswith(extensions):
-        fail(f"{flag} {path}: the file name must end with {' or '.join(extensions)}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        fail(f"{flag} {path}: the folder {folder} does not exist; create it first")
-    if os.path.isdir(path) or not os.access(folder, os.W_OK):
-        fail(f"{flag} {path}: cannot write a file there")
 
 
 # ------------------------------------------------------------------ models and samples
@@ -288,11 +285,13 @@ def compute_fid(images: torch.Tensor, options: dict) -> float:
 
 
 def read_csv(path: str) -> list:
-    """A CSV's rows as text, [] without the file; a row cut short by a kill is skipped."""
+    """A CSV's rows as text, [] without the file; a row cut short by a kill (its last field
+    missing or empty, which these files never write) is skipped."""
     if not os.path.isfile(path):
         return []
     with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if None not in row.values()]
+        rows = csv.DictReader(f)
+        return [row for row in rows if row.get(rows.fieldnames[-1]) not in (None, "")]
 
 
 def fid_of_run(args):

@@ -1683,6 +1683,9 @@ def test_compare_draws_fid_counts_a_repeated_seed_once(image_folder, tmp_path, c
         with open(tmp_path / name / "fid.csv", "w") as f:
             f.write("step,n,fid,method,steps,cfg_scale,seed\n")
             f.writelines(f"{step},100,{fid},heun,50,1.0,0\n" for step, fid in fids.items())
+            f.write("6,100,5.0,heun,50,1.0,")  # cut by a kill after its last comma: skipped
+    with open(tmp_path / "b0" / "metrics.csv", "a") as f:
+        f.write("6,0.25,0.2")  # cut mid-row
     capsys.readouterr()
     figure = tmp_path / "compare.png"
     sample_script.main(["--compare", *(str(tmp_path / n) for n in ("b0", "b0again", "s0")),

@@ -506,18 +506,19 @@ def save(path: str, parts: Parts, step: int, config: dict, batches=None):
     tmp = path + ".tmp"
     try:
         if master_process:  # a temporary file, then a rename: a kill while saving never breaks path
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:  # a failed or interrupted write leaves no temporary file behind
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         stop_together(None)
     except OSError as problem:  # a full disk, a quota, a vanished mount
         stop_together(f"error: could not write {path} at step {step} ({problem}); last.pt "
                       f"holds the last saved state. Free some space and rerun with --resume.")
-    finally:
-        if master_process and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_torch_file(path: str):
@@ -854,11 +855,11 @@ class StopSignals:
     second signal of the same kind acts at once, with the default behaviour."""
 
     def __init__(self, device):
+        # agreed on the CPU: with NCCL, the default group would wait for the GPU
+        self.group = dist.new_group(backend="gloo") if ddp and device.type == "cuda" else None
         self.received = None
         self.previous = {sig: signal.signal(sig, self.handle)
                          for sig in (signal.SIGINT, signal.SIGTERM)}
-        # agreed on the CPU: with NCCL, the default group would wait for the GPU
-        self.group = dist.new_group(backend="gloo") if ddp and device.type == "cuda" else None
 
     def handle(self, signum, _frame):
         self.received = self.received or signum
