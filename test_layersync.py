@@ -2000,6 +2000,38 @@ def test_a_refusal_on_one_rank_alone_stops_every_rank_with_its_message(image_fol
         result.stderr[-2000:]
     assert not (tmp_path / "run").exists()
 
+
+def test_rank_0_alone_downloads_cifar10(tmp_path):
+    """A first run under torchrun: rank 0 downloads CIFAR-10 while the others wait, then they read
+    its files. A stand-in download (a copy, slowed down) logs each rank that starts one."""
+    write_fake_cifar10(tmp_path / "source")
+    script = tmp_path / "download_train.py"
+    script.write_text(
+        "import os, shutil, sys, time\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import torchvision.datasets.cifar as cifar\n"
+        "import train_cifar\n"
+        "cifar.check_integrity = lambda *a, **k: True  # the fake files have other md5 sums\n"
+        "def download(self):\n"
+        "    target = os.path.join(self.root, 'cifar-10-batches-py')\n"
+        "    if os.path.isdir(target):\n"
+        "        return  # already there, as torchvision's own check would find\n"
+        f"    with open({str(tmp_path / 'log')!r}, 'a') as log:\n"
+        "        log.write(os.environ['RANK'] + '\\n')\n"
+        "    time.sleep(2)\n"
+        f"    shutil.copytree({str(tmp_path / 'source' / 'cifar-10-batches-py')!r}, target)\n"
+        "cifar.CIFAR10.download = download\n"
+        "train_cifar.main()\n")
+    tiny = [a if a != "8" else "32" for a in TINY]  # CIFAR-10 is 32x32
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+           *tiny, *DDP, "--steps", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "log").read_text() == "0\n"  # one download, by rank 0
+    assert checkpoint(tmp_path / "run")["config"]["classes"][9] == "truck"
+
 # ================================================================ 8. CUDA, and the prepared GPU run
 #
 # What only a GPU runs: bf16 autocast, torch.compile with inductor, fused AdamW, the CUDA RNG in a

@@ -436,13 +436,17 @@ def train_flops_per_image(config: dict) -> float:
 
 
 def prepare_on_every_rank(args):
-    """prepare() on every rank; a refusal on one rank alone (its download failed) stops them all,
-    with its message. --out is made only then."""
-    try:
-        run = prepare(args)
-    except SystemExit as refusal:
-        stop_together(str(refusal.code))
-    stop_together(None)
+    """prepare() on rank 0 first, so that it alone downloads CIFAR-10, then on the other ranks; a
+    refusal on any rank stops them all, with its message. --out is made only then."""
+    run = None
+    for my_turn in (master_process, not master_process):
+        error = None
+        if my_turn:
+            try:
+                run = prepare(args)
+            except SystemExit as refusal:
+                error = str(refusal.code)
+        stop_together(error)
     if run is not None and master_process:
         os.makedirs(args.out, exist_ok=True)
     return run
@@ -588,7 +592,7 @@ def load_cifar10(data_dir: str, train: bool = True):
     try:
         data = CIFAR10(data_dir, train=train, download=True)
     except Exception as error:  # offline, a broken archive, a truncated batch file
-        if not (existed or ddp):  # the failed download made it: a refusal leaves nothing behind
+        if not existed:  # the failed download made it: a refusal leaves nothing behind
             shutil.rmtree(data_dir, ignore_errors=True)
         fail(f"could not load CIFAR-10 from {os.path.abspath(data_dir)} ({type(error).__name__}: "
              f"{error}). Without internet, download cifar-10-python.tar.gz from "
