@@ -261,7 +261,12 @@ def prepare_fid(args, config: dict) -> dict:
     if os.path.isabs(data) and not os.path.isdir(data):  # a folder (built-ins are names)
         fail(f"--fid: the run trained on {data}, which is gone; FID needs those images")
     reference, _, _ = load_data(data, data_dir(args, config), size)  # (N, 3, H, W) uint8
-    name = data if not os.path.isabs(data) else hashlib.sha1(data.encode()).hexdigest()[:12]
+    # the cache key: the images themselves and the Inception weights, so that edited images or
+    # other weights never reuse statistics computed before
+    key = hashlib.sha1(reference.contiguous().numpy())
+    if args.fid_weights:
+        with open(args.fid_weights, "rb") as f:
+            key.update(f.read())
     layer = FEATURE_EXTRACTORS_REGISTRY[FID_EXTRACTOR].get_default_feature_layer_for_metric("fid")
     options = dict(feature_extractor=FID_EXTRACTOR, feature_extractor_weights_path=args.fid_weights,
                    cuda=args.device.type == "cuda", verbose=False,
@@ -271,9 +276,9 @@ def prepare_fid(args, config: dict) -> dict:
     except Exception as error:
         fail(f"--fid: torch-fidelity could not load its Inception weights ({first_line(error)}); "
              f"without internet, pass --fid-weights PATH")
-    # the reference's statistics are cached by torch-fidelity: computed once per dataset and size
+    # the reference's statistics are cached by torch-fidelity: computed once per key
     return dict(options, input2=UInt8Images(reference.unbind()),
-                input2_cache_name=f"layersync-{name}-{size}px-{len(reference)}")
+                input2_cache_name=f"layersync-{size}px-{len(reference)}-{key.hexdigest()[:16]}")
 
 
 def compute_fid(images: torch.Tensor, options: dict) -> float:

@@ -1641,11 +1641,26 @@ def test_fid_weights_reach_the_feature_extractor(image_folder, tmp_path, fid_sta
     torch.save({"mix": 2 * torch.eye(3, dtype=torch.float64)}, tmp_path / "double.pt")
     common = ["--n", "9", "--steps", "1", "--device", "cpu"]
     sample_script.main(["--fid", str(out), *common])
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "other_cache"))  # other features: new cache
-    (out / "fid.csv").rename(tmp_path / "plain.csv")
+    (out / "fid.csv").rename(tmp_path / "plain.csv")  # the same cache: other weights, other key
     sample_script.main(["--fid", str(out), *common, "--fid-weights", str(tmp_path / "double.pt")])
     plain = float(list(csv.DictReader(open(tmp_path / "plain.csv")))[0]["fid"])
     assert float(fid_rows(out)[0]["fid"]) == pytest.approx(4 * plain, rel=1e-4)
+
+
+def test_fid_reference_is_cached_by_the_images_content(image_folder, tmp_path, fid_stand_in):
+    """Edited images of the same size and count are measured again, not read from the cache."""
+    out = tmp_path / "run"
+    train(image_folder, out, "--steps", "2", "--keep-every", "2")
+    score = ["--fid", str(out), "--n", "6", "--steps", "1", "--device", "cpu"]
+    for edit in (False, False, True):
+        if edit:  # one image of the folder, a new colour
+            Image.new("RGB", (12, 10), (1, 2, 3)).save(os.path.join(image_folder, "class0",
+                                                                    "0.png"))
+        seen_before = len(fid_stand_in)
+        sample_script.main(score)
+        os.remove(out / "fid.csv")  # score the snapshot again
+        passes = fid_stand_in[seen_before:]  # the 6 samples, then the 24 images if not cached
+        assert passes == ([6, 24] if edit or not seen_before else [6]), passes
 
 
 def fid_run(name: str, weight: float, seed: int, fid: dict, metrics=None) -> "sample_script.Run":
