@@ -767,7 +767,8 @@ def test_short_run_writes_checkpoint_metrics_and_grids(image_folder, tmp_path):
     train(image_folder, out, "--steps", "4", "--log-every", "2", "--sample-every", "2",
           "--ckpt-every", "2")
     ckpt = checkpoint(out)  # data only, no pickled code
-    assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "rng"} and ckpt["step"] == 4
+    assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "rng", "elapsed_s"}
+    assert ckpt["step"] == 4 and ckpt["elapsed_s"] > 0
     assert ckpt["config"]["model"] == dict(input_size=8, patch_size=4, in_channels=3,
                                            hidden_size=32,
                                            depth=3, num_heads=2, num_classes=3)
@@ -1213,13 +1214,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, 
 
 
 def test_ctrl_c_finishes_the_step_saves_and_stops(image_folder, tmp_path, monkeypatch):
-    # as if the user pressed Ctrl-C during step 3
-    poison_training_loss(monkeypatch, 3, lambda out: os.kill(os.getpid(), signal.SIGINT))
+    # as if the user pressed Ctrl-C during step 3, a second into the run
+    poison_training_loss(monkeypatch, 3, lambda out: time.sleep(1) or os.kill(os.getpid(),
+                                                                              signal.SIGINT))
     with pytest.raises(SystemExit) as error:
         train(image_folder, tmp_path / "run", "--steps", "10", "--ckpt-every", "100")
     assert error.value.code == 128 + signal.SIGINT  # interrupted, not finished
     assert checkpoint(tmp_path / "run")["step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+    # no metrics row was logged before the stop, yet the resumed run's time goes on from it
+    monkeypatch.undo()
+    train(image_folder, tmp_path / "run", "--steps", "4", "--resume")
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["4"] and float(rows[0]["elapsed_s"]) > 1, rows
 
 
 def test_sigterm_saves_and_resumes_bit_identical(image_folder, tmp_path):

@@ -342,7 +342,7 @@ def train(args):
     metrics = CsvLog(os.path.join(args.out, "metrics.csv"), METRICS_FIELDS, step)
     probes = run.probe_data and CsvLog(os.path.join(args.out, "probe.csv"), PROBE_FIELDS, step)
     non_finite, signals = NonFiniteWatch(device, ckpt_path), StopSignals(device)
-    log = Interval(step, args, float(metrics.rows[-1]["elapsed_s"] or 0) if metrics.rows else 0)
+    log = Interval(step, args, run.checkpoint.get("elapsed_s", 0) if run.checkpoint else 0)
     bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, disable=not master_process)
     due = lambda every: every and (step % every == 0 or step == args.steps)  # noqa: E731
     stop_signal = 0
@@ -362,7 +362,7 @@ def train(args):
             if stop_signal or any(map(due, (args.ckpt_every, args.keep_every, args.sample_every))):
                 non_finite.check()  # nothing is saved or drawn from non-finite weights
             if due(args.ckpt_every) or stop_signal:  # first: nothing after it can lose the run
-                save(ckpt_path, parts, step, run.config, batches)
+                save(ckpt_path, parts, step, run.config, batches, time.perf_counter() - log.start)
             if due(args.keep_every):  # an EMA snapshot kept for good: FID over training
                 save(os.path.join(args.out, f"ema_{step:07d}.pt"), parts, step, run.config)
             if due(args.sample_every) and master_process:  # EMA samples, the same noise each time
@@ -500,13 +500,14 @@ def describe_run(args, run, model) -> str:
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config", "rng"}
 
 
-def save(path: str, parts: Parts, step: int, config: dict, batches=None):
-    """The whole training state, or without `batches` an EMA snapshot (ema, step, config), written
-    by rank 0; a failed write stops every rank, in one line."""
+def save(path: str, parts: Parts, step: int, config: dict, batches=None, elapsed_s=0.0):
+    """The whole training state (with the run's seconds so far, for metrics.csv), or without
+    `batches` an EMA snapshot (ema, step, config); written by rank 0, and a failed write stops every
+    rank, in one line."""
     state = {"ema": parts.ema.state_dict(), "step": step, "config": config}
     if batches is not None:
         state.update(model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
-                     rng=rng_state(batches))
+                     rng=rng_state(batches), elapsed_s=elapsed_s)
     tmp = path + ".tmp"
     try:
         if master_process:  # a temporary file, then a rename: a kill while saving never breaks path
