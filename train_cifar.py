@@ -14,6 +14,7 @@ first reading can skip comes last.
 import argparse
 import copy
 import csv
+import datetime
 import math
 import os
 import pickle
@@ -342,7 +343,8 @@ def train(args):
     metrics = CsvLog(os.path.join(args.out, "metrics.csv"), METRICS_FIELDS, step)
     probes = run.probe_data and CsvLog(os.path.join(args.out, "probe.csv"), PROBE_FIELDS, step)
     non_finite, signals = NonFiniteWatch(device, ckpt_path), StopSignals(device)
-    log = Interval(step, args, run.checkpoint.get("elapsed_s", 0) if run.checkpoint else 0)
+    last_row = float(metrics.rows[-1]["elapsed_s"] or 0) if metrics.rows else 0  # older last.pt
+    log = Interval(step, args, run.checkpoint.get("elapsed_s", last_row) if run.checkpoint else 0)
     bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, disable=not master_process)
     due = lambda every: every and (step % every == 0 or step == args.steps)  # noqa: E731
     stop_signal = 0
@@ -436,17 +438,19 @@ def train_flops_per_image(config: dict) -> float:
 
 
 def prepare_on_every_rank(args):
-    """prepare() on rank 0 first, so that it alone downloads CIFAR-10, then on the other ranks; a
-    refusal on any rank stops them all, with its message. --out is made only then."""
-    run = None
-    for my_turn in (master_process, not master_process):
+    """prepare() on every rank, CIFAR-10 on rank 0 first (it alone downloads it); a refusal on any
+    rank stops them all, with its message. --out is made only then."""
+    # a download can outlast NCCL's 10-minute timeout: the others wait on the CPU, for up to 2 hours
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if ddp else None
+    run, first = None, args.data == "cifar10"
+    for my_turn in (master_process, not master_process) if first else (True, False):
         error = None
         if my_turn:
             try:
                 run = prepare(args)
             except SystemExit as refusal:
                 error = str(refusal.code)
-        stop_together(error)
+        stop_together(error, group)
     if run is not None and master_process:
         os.makedirs(args.out, exist_ok=True)
     return run
@@ -593,7 +597,7 @@ def load_cifar10(data_dir: str, train: bool = True):
     try:
         data = CIFAR10(data_dir, train=train, download=True)
     except Exception as error:  # offline, a broken archive, a truncated batch file
-        if not existed:  # the failed download made it: a refusal leaves nothing behind
+        if not (existed or ddp):  # the failed download made it: a refusal leaves nothing behind
             shutil.rmtree(data_dir, ignore_errors=True)
         fail(f"could not load CIFAR-10 from {os.path.abspath(data_dir)} ({type(error).__name__}: "
              f"{error}). Without internet, download cifar-10-python.tar.gz from "
@@ -773,12 +777,12 @@ def sample_grid(ema, config: dict, path: str, steps: int, precision: str):
 STOP_CHECK_EVERY = 10  # under torchrun, steps between agreeing on a Ctrl-C or SIGTERM
 
 
-def stop_together(error):
+def stop_together(error, group=None):
     """Every rank passes its own error message or None; if any rank has one, all stop with it.
     Only rank 0 prints it (main() silences the others), so the user reads it once."""
     if ddp:
         errors = [None] * ddp_world_size
-        dist.all_gather_object(errors, error)
+        dist.all_gather_object(errors, error, group=group)
         error = next((e for e in errors if e), None)
     if error:
         raise SystemExit(error)
