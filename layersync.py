@@ -21,7 +21,7 @@ import math
 import operator
 from collections import namedtuple
 from contextlib import contextmanager
-from functools import partial, reduce
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -318,9 +318,9 @@ def sit_from_official(state_dict: dict, num_heads=None) -> "SiT":
     if not torch.allclose(state_dict["pos_embed"].float(), model.pos_embed, atol=1e-5):
         raise ValueError("sit_from_official: the stored pos_embed is not the fixed 2D sin-cos "
                          "table this SiT uses; these weights belong to another model")
-    def ours(name: str) -> str:
-        return reduce(lambda text, pair: text.replace(*pair), OFFICIAL_NAMES.items(), name)
-    renamed = {ours(name): tensor for name, tensor in state_dict.items() if name != "pos_embed"}
+    renamed = {name: tensor for name, tensor in state_dict.items() if name != "pos_embed"}
+    for official, ours in OFFICIAL_NAMES.items():  # one official name part at a time
+        renamed = {name.replace(official, ours): tensor for name, tensor in renamed.items()}
     head = renamed["final_layer.linear.weight"]
     if head.shape[0] == patch * patch * 2 * channels:  # learn_sigma: rows ordered (p, q, 2C)
         velocity_rows = torch.arange(head.shape[0]) % (2 * channels) < channels
