@@ -86,29 +86,28 @@ def parse_args(argv=None):
     if not (args.grid or args.npz or args.fid or args.probe or args.compare):
         p.error("nothing to write: give --grid PATH, --npz PATH, --fid and/or --probe")
     for name in ("n", "steps", "batch_size", "num_heads"):  # before any model is loaded
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+        if (value := getattr(args, name)) is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} {value}: must be >= 1")
     if not math.isfinite(args.cfg_scale):
         fail(f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = no guidance)")
     for flag, path, extensions in (("--grid", args.grid, (".png", ".jpg", ".jpeg")),
                                    ("--npz", args.npz, (".npz",)),  # numpy would add .npz
                                    ("--probe-csv", args.probe_csv, (".csv",)),
                                    ("--figure", args.compare and args.figure, (".png",))):
-        if not path:
-            continue
-        folder = os.path.dirname(os.path.abspath(path))
-        if not path.lower().endswith(extensions):
+        folder = path and os.path.dirname(os.path.abspath(path))
+        if path and not path.lower().endswith(extensions):
             fail(f"{flag} {path}: the file name must end with {' or '.join(extensions)}")
-        if not os.path.isdir(folder):
-            fail(f"{flag} {path}: the folder {folder} does not exist; create it first")
-        if os.path.isdir(path) or not os.access(folder, os.W_OK):
-            fail(f"{flag} {path}: cannot write a file there")
+        if path and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            fail(f"{flag} {path}: the folder {folder} does not exist or is read-only")
+        if path and os.path.isdir(path):
+            fail(f"{flag} {path} is a folder: give a file name")
     return args
 
 
 # ------------------------------------------------------------------ models and samples
 
-Loaded = namedtuple("Loaded", "model config step precision")  # step: None for official weights
+# step: None for official weights; name: "step N (EMA weights)" or "the official weights (...)"
+Loaded = namedtuple("Loaded", "model config step precision name")
 OFFICIAL_KEYS = {"model", "ema", "opt", "args"}  # what the official SiT / LayerSync train.py saves
 RUN_KEYS = {"ema", "step", "config"}  # in a train_cifar.py checkpoint, and all of an EMA snapshot
 
@@ -125,7 +124,7 @@ def load_model(args, path=None) -> Loaded:
     """The SiT of any of three kinds of file, told apart by their content: a train_cifar.py
     checkpoint or EMA snapshot, a bare official state dict, or an official train.py checkpoint.
     EMA weights unless --no-ema. bf16 autocast on CUDA only for a run that trained in bf16."""
-    path = path or args.ckpt
+    path, kind = path or args.ckpt, "raw weights" if args.no_ema else "EMA weights"
     checkpoint = read_torch_file(path)
     weights, is_dict = "model" if args.no_ema else "ema", isinstance(checkpoint, dict)
     if is_dict and RUN_KEYS <= checkpoint.keys():
@@ -136,7 +135,7 @@ def load_model(args, path=None) -> Loaded:
         model.load_state_dict(checkpoint[weights])
         bf16 = args.device.type == "cuda" and config["precision"] == "bf16"
         return Loaded(model.to(args.device).eval(), config, checkpoint["step"],
-                      "bf16" if bf16 else "fp32")
+                      "bf16" if bf16 else "fp32", f"step {checkpoint['step']} ({kind})")
     official = is_dict and OFFICIAL_KEYS <= checkpoint.keys()
     state = checkpoint[weights] if official else checkpoint
     if not (isinstance(state, dict) and "x_embedder.proj.weight" in state):
@@ -160,7 +159,8 @@ def load_model(args, path=None) -> Loaded:
     config = {"model": {"input_size": grid * model.patch_size,
                         "in_channels": model.in_channels, "num_classes": model.num_classes},
               "layersync_pairs": [list(pair)]}
-    return Loaded(model.to(args.device).eval(), config, None, "fp32")
+    return Loaded(model.to(args.device).eval(), config, None, "fp32",
+                  f"the official weights ({kind})")
 
 
 def load_vae(args):
@@ -355,7 +355,7 @@ def probe_checkpoint(args, loaded: Loaded, vae=None):
     teacher = pairs[0][1] if pairs else None
     probe = run_probe(model, data, args.probe_t, pairs, loaded.precision, path, step or 0)
     role = {k: "student" for k, _ in pairs} | {k_teacher: "teacher" for _, k_teacher in pairs}
-    print(f"probe of {args.ckpt} at {what(loaded, args)}, {data.description}; chance "
+    print(f"probe of {args.ckpt} at {loaded.name}, {data.description}; chance "
           f"{100 / model.num_classes:.1f}%")
     first_t = args.probe_t[0]
     cosine_header = f"  cos to block {teacher} (t={first_t:g})" if teacher else ""
@@ -365,12 +365,6 @@ def probe_checkpoint(args, loaded: Loaded, vae=None):
         cosine = f"  {probe.teacher_cosine[first_t][k]:>8.3f}" if teacher else ""
         print(f"{role.get(k, ''):>7} {k:>2} {accuracies}{cosine}")
     print(f"probe rows: {path}")
-
-
-def what(loaded: Loaded, args) -> str:
-    """'step N (EMA weights)', or 'the official weights (raw weights)'."""
-    source = "the official weights" if loaded.step is None else f"step {loaded.step}"
-    return f"{source} ({'raw' if args.no_ema else 'EMA'} weights)"
 
 
 # ------------------------------------------------------------------ comparing runs, over seeds
@@ -561,6 +555,22 @@ def plot_blocks(arm: Arm, t: float, colour, style, ax_block, ax_cosine, ax_updat
     band(ax_student, over_seeds([h for h in history if h]), colour, style, "o")
 
 
+PANELS = (  # (title, x label, y label) of panels (a)-(e) and (g); {ref}: the baseline arm
+    ("(a) training losses: mean over seeds, band = min..max;\nflow matching relative to the mean "
+     "of {ref}", "step", "flow-matching loss, Eq. 1: % above {ref} (solid)"),
+    ("(b) linear probe of every block, at the last probed step", "block",
+     "probe top-1 accuracy (%), dotted: chance"),
+    ("(c) the student block's probe accuracy over training", "step",
+     "probe top-1 accuracy (%), dotted: chance"),
+    ("(g) FID over training (sample.py --fid RUN_DIR), lower is better", "step",
+     "FID against the training data"),
+    ("(d) each block's mean per-token cosine to the teacher block:\nall blocks between student "
+     "and teacher near 1 = collapse", "block", "cosine to the teacher block"),
+    ("(e) each block's relative update ||h_k - h_(k-1)|| / ||h_(k-1)||:\nhow much the block "
+     "writes to the residual stream (h_0: input tokens)", "block",
+     "relative update, mean over tokens"))
+
+
 def compare_figure(arms: list, path: str):
     """Panels, each the mean over an arm's seeds with a min..max band: (a) losses, the flow-matching
     loss relative to the baseline's, (b) the probe of every block, (c) the student block over
@@ -569,33 +579,40 @@ def compare_figure(arms: list, path: str):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from PIL import Image
 
-    colours, styles = plt.rcParams["axes.prop_cycle"].by_key()["color"], ["-", "--", ":", "-."]
     ts = sorted({t for arm in arms for run in arm.runs for probe in run.probes.values()
                  for t in probe.accuracy}, reverse=True)
-    fig = plt.figure(figsize=(26, 11), layout="constrained")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(arms)
+    styles = ["-", "--", ":", "-."] * len(ts)
+    fig = plt.figure(figsize=(26, 11.5), layout="constrained")
     grid = fig.add_gridspec(2, 4)
-    ax_loss, ax_block, ax_student, ax_fid, ax_cosine, ax_update = (
-        fig.add_subplot(grid[i // 4, i % 4]) for i in range(6))
+    axes = [fig.add_subplot(grid[i // 4, i % 4]) for i in range(6)]
+    ax_loss, ax_block, ax_student, ax_fid, ax_cosine, ax_update = axes
     ax_sync = ax_loss.twinx()
     reference = baseline_arm(arms) or arms[0]
     base = dict(zip(*over_seeds([{row["step"]: row["fm"] for row in run.metrics}
                                  for run in reference.runs])[:2]))
-    for arm, colour in zip(arms, colours * len(arms)):
+    for arm, colour in zip(arms, colours):
         band(ax_loss, over_seeds([{row["step"]: 100 * (row["fm"] / base[row["step"]] - 1)
                                    for row in run.metrics if row["step"] in base}
                                   for run in arm.runs]), colour)
         band(ax_sync, over_seeds([{row["step"]: row["layersync"] for row in run.metrics}
                                   for run in arm.runs]), colour, "--")
-        if fid_curve(arm)[0]:
-            band(ax_fid, fid_curve(arm), colour, "-", "o")
-        for t, style in zip(ts, styles * len(ts)):
+        band(ax_fid, fid_curve(arm), colour, "-", "o")
+        for t, style in zip(ts, styles):
             plot_blocks(arm, t, colour, style, ax_block, ax_cosine, ax_update, ax_student)
-    label_panels((ax_loss, ax_block, ax_student, ax_cosine, ax_update, ax_fid), arms, ts,
-                 colours, styles, reference)
+    for ax, (title, xlabel, ylabel) in zip(axes, PANELS):
+        ax.set(title=title.format(ref=reference.label), xlabel=xlabel,
+               ylabel=ylabel.format(ref=reference.label))
+        if xlabel == "block":
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        if "chance" in ylabel:
+            ax.axhline(100 / arms[0].runs[0].config["model"]["num_classes"], color="grey",
+                       linewidth=0.8, linestyle=":")
     ax_sync.set_ylabel("LayerSync term, Eq. 2: -cosine (dashed)")
-    if not ax_fid.get_legend():
+    if not any(fid_curve(arm)[0] for arm in arms):
         ax_fid.text(0.5, 0.5, "no fid.csv in these runs:\npython sample.py --fid RUN_DIR",
                     ha="center", transform=ax_fid.transAxes)
     for arm, spec in zip(arms, grid[1, 2:].subgridspec(1, len(arms))):  # (f) the last grids
@@ -604,55 +621,20 @@ def compare_figure(arms: list, path: str):
         if arm.runs[0].grid:
             ax.imshow(Image.open(arm.runs[0].grid), interpolation="nearest")
             ax.set_title(f"(f) {arm.label}:\n{os.path.basename(arm.runs[0].grid)}", fontsize=9)
+    # one legend for every panel: arms by colour, what or which t by line style, the two blocks
+    line = lambda label, **style: Line2D([], [], label=label, **style)  # noqa: E731
+    fig.legend(handles=[line(f"{arm.label} ({len(arm.runs)} seed{'s' * (len(arm.runs) > 1)})",
+                             color=colour) for arm, colour in zip(arms, colours)]
+               + [line(f"probe at t={t:g}", color="black", linestyle=style)
+                  for t, style in zip(ts, styles)]
+               + [line(f"{role} block", marker=marker, color="grey", markeredgecolor="black",
+                       linestyle="none", markersize=10)
+                  for marker, role in (("v", "student"), ("*", "teacher"))]
+               + [line("(a) fm, left axis", color="black"),
+                  line("(a) LayerSync, right axis", color="black", linestyle="--")],
+               loc="outside upper center", ncols=8, fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def label_panels(axes: tuple, arms: list, ts: list, colours: list, styles: list, reference: Arm):
-    """Titles, axis labels, legends and the chance line of panels (a)-(e) and (g)."""
-    ax_loss, ax_block, ax_student, ax_cosine, ax_update, ax_fid = axes
-    arm_keys, t_keys, markers, lines = legend_keys(arms, ts, colours, styles)
-    chance = 100 / arms[0].runs[0].config["model"]["num_classes"]
-    for ax, title, xlabel, ylabel, keys in (
-            (ax_loss, f"(a) training losses: mean over seeds, band = min..max;\nflow matching "
-             f"relative to the mean of {reference.label}", "step", "flow-matching loss, Eq. 1: "
-             f"% above {reference.label} (solid)", arm_keys + lines),
-            (ax_block, "(b) linear probe of every block, at the last probed step", "block",
-             "probe top-1 accuracy (%), dotted: chance", arm_keys + t_keys + markers),
-            (ax_student, "(c) the student block's probe accuracy over training", "step",
-             "probe top-1 accuracy (%), dotted: chance", arm_keys + t_keys),
-            (ax_cosine, "(d) each block's mean per-token cosine to the teacher block:\nall "
-             "blocks between student and teacher near 1 = collapse", "block",
-             "cosine to the teacher block", arm_keys + t_keys + markers),
-            (ax_update, "(e) each block's relative update ||h_k - h_(k-1)|| / ||h_(k-1)||:\nhow "
-             "much the block writes to the residual stream (h_0: input tokens)", "block",
-             "relative update, mean over tokens", arm_keys + t_keys + markers),
-            (ax_fid, "(g) FID over training (sample.py --fid RUN_DIR), lower is better", "step",
-             "FID against the training data", arm_keys * any(fid_curve(arm)[0] for arm in arms))):
-        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-        if keys:
-            ax.legend(handles=keys, fontsize=9, loc="center right" if ax is ax_loss else "best")
-        if xlabel == "block":
-            ax.xaxis.get_major_locator().set_params(integer=True)
-        if "chance" in ylabel:
-            ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":")
-
-
-def legend_keys(arms: list, ts: list, colours: list, styles: list) -> tuple:
-    """The figure's legend entries: arms by colour, noise levels by line style, the student and
-    teacher markers, and the two loss axes."""
-    from matplotlib.lines import Line2D
-    arm_keys = [Line2D([], [], color=colour, label=f"{arm.label} ({len(arm.runs)} seed"
-                       f"{'s' * (len(arm.runs) > 1)})")
-                for arm, colour in zip(arms, colours * len(arms))]
-    t_keys = [Line2D([], [], color="black", linestyle=style, label=f"probe at t={t:g}")
-              for t, style in zip(ts, styles * len(ts))]
-    markers = [Line2D([], [], marker=m, color="grey", markeredgecolor="black", linestyle="none",
-                      markersize=10, label=f"{role} block")
-               for m, role in (("v", "student"), ("*", "teacher"))]
-    lines = [Line2D([], [], color="black", linestyle=style, label=label)
-             for style, label in (("-", "fm (left axis)"), ("--", "LayerSync (right axis)"))]
-    return arm_keys, t_keys, markers, lines
 
 
 def compare(args):
@@ -699,7 +681,7 @@ def main(argv=None):
     labels = torch.arange(n) % num_classes if args.class_label is None else torch.full(
         (n,), args.class_label)
     images = generate(args, loaded, labels, vae)
-    print(f"{len(images)} images from {what(loaded, args)}, {args.method} {args.steps} steps, "
+    print(f"{len(images)} images from {loaded.name}, {args.method} {args.steps} steps, "
           f"cfg {args.cfg_scale}")
     if args.grid:  # one row per class: labels sorted, each class's images in drawing order
         save_grid(images[labels.argsort(stable=True)].permute(0, 3, 1, 2), args.grid, n // rows)

@@ -15,6 +15,7 @@ import argparse
 import copy
 import csv
 import datetime
+import hashlib
 import math
 import os
 import pickle
@@ -224,13 +225,8 @@ def autocast(device: torch.device, precision: str):
 # ------------------------------------------------------------------ data
 
 def from_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels 0..255 -> floats in [-1, 1], the model's data range."""
+    """uint8 pixels 0..255 -> floats in [-1, 1], the model's data range (sample_pixels: back)."""
     return pixels.float() / 127.5 - 1
-
-
-def to_pixels(x: torch.Tensor) -> torch.Tensor:
-    """Floats in [-1, 1] -> uint8 pixels 0..255."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 BUILT_IN_DATA = ("cifar10", "sklearn-digits")
@@ -386,7 +382,8 @@ def train(args):
             f"{args.steps} to {ckpt_path}; rerun with --out {args.out} --resume to continue",
             file=sys.stderr)
         raise SystemExit(128 + stop_signal)  # the shell's code for "killed by this signal"
-    check_ranks_agree(parts.model)
+    if ddp:
+        check_ranks_agree(parts.model)
     if device.type == "cuda":
         say(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 
@@ -743,7 +740,8 @@ def sample_pixels(model, noise, labels, steps: int, precision: str, method: str 
     decode: the model's output -> images in [-1, 1] (a latent model's VAE)."""
     with autocast(noise.device, precision):
         x = sample(guided_velocity(model, labels, cfg_scale), noise, steps, method)
-    return to_pixels(decode(x) if decode else x)
+        x = decode(x) if decode else x
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> 0..255
 
 
 def save_grid(pixels: torch.Tensor, path: str, columns: int):
@@ -846,9 +844,6 @@ def restore_rng(state: dict, device, batches, step: int, seed: int):
 
 def check_ranks_agree(model):
     """DDP keeps the ranks in step; check it at the end rather than trust it."""
-    import hashlib
-    if not ddp:
-        return
     weights = b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())
     digests = [None] * ddp_world_size
     dist.all_gather_object(digests, hashlib.sha256(weights).hexdigest())
