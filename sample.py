@@ -48,8 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=["heun", "euler"], default="heun")
     p.add_argument("--steps", type=int, default=50, help="ODE steps (Heun: 2 evaluations each)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance; 1: none")
-    p.add_argument("--n", type=int, help="images, labels i %% num_classes (default: 8 per class; "
-                   "--grid draws a row per class, so a multiple of the classes)")
+    p.add_argument("--n", type=int, help="images (default: 8 per class; --grid: a multiple of it)")
     p.add_argument("--class-label", type=int, help="sample only this class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -65,8 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help="where CIFAR-10 is (default: the run's own, else ./data)")
     p.add_argument("--probe", action="store_true", help="linear probe of every block, to a CSV")
     p.add_argument("--probe-t", type=probe_levels, default="1.0,0.5", help="its noise levels")
-    p.add_argument("--probe-data", metavar="FOLDER", help="probe on this image folder (a folder "
-                   "per class), not the run's own data; needed for official weights")
+    p.add_argument("--probe-data", metavar="FOLDER", help="an image folder to probe on, a folder "
+                   "per class (default: the run's own data; official weights need one)")
     p.add_argument("--probe-csv", help="where --probe writes (default: beside --ckpt)")
     p.add_argument("--num-heads", type=int, help="heads of official weights of no preset's shape")
     p.add_argument("--vae", help="a latent model's diffusers AutoencoderKL, a hub name or a folder "
@@ -130,7 +129,8 @@ def load_model(args, path=None) -> Loaded:
     if is_dict and RUN_KEYS <= checkpoint.keys():
         if weights not in checkpoint:
             fail(f"--no-ema: {path} is an EMA snapshot; the raw weights are in the run's last.pt")
-        config = checkpoint["config"]
+        config = checkpoint["config"]  # and --data-dir: by default where the run found CIFAR-10
+        args.data_dir = args.data_dir or config["flags"]["data_dir"]
         model = SiT(**config["model"])
         model.load_state_dict(checkpoint[weights])
         bf16 = args.device.type == "cuda" and config["precision"] == "bf16"
@@ -140,27 +140,24 @@ def load_model(args, path=None) -> Loaded:
     state = checkpoint[weights] if official else checkpoint
     if not (isinstance(state, dict) and "x_embedder.proj.weight" in state):
         found = sorted(checkpoint)[:6] if is_dict else type(checkpoint).__name__
-        fail(f"{path} holds {found}: expected a train_cifar.py checkpoint (model, ema, "
-             f"optimizer, step, config, rng), an official SiT state dict (x_embedder.proj.weight, "
-             f"blocks.0...) or an official train.py checkpoint (model, ema, opt, args)")
+        fail(f"{path} holds {found}: expected a train_cifar.py checkpoint (ema, step, config), an "
+             f"official SiT state dict (x_embedder.proj.weight...) or train.py's (model, args...)")
     try:
         model = sit_from_official(state, args.num_heads)
     except ValueError as error:
         fail(f"{path}: {str(error).replace('pass num_heads=', 'pass --num-heads N')}")
     flags = vars(checkpoint["args"]) if official else {}  # LayerSync's pair, if it trained one
     pair, depth = (flags.get("encoder_depth"), flags.get("gt_encoder_depth")), len(model.blocks)
-    try:
+    try:  # the probe's teacher cosine
         pair = check_layersync_pairs([pair], depth)[0]
     except ValueError as error:  # no pair, k = k' (its default) or beyond this model's blocks
-        if official and None not in pair:
+        if None not in pair:
             print(f"note: {path}: {error}; the probe's cosines are to the default pair's teacher")
-        pair = default_layersync_pair(depth)  # the probe's teacher cosine
-    grid = round(model.pos_embed.shape[1] ** 0.5)  # patches per side
-    config = {"model": {"input_size": grid * model.patch_size,
-                        "in_channels": model.in_channels, "num_classes": model.num_classes},
-              "layersync_pairs": [list(pair)]}
-    return Loaded(model.to(args.device).eval(), config, None, "fp32",
-                  f"the official weights ({kind})")
+        pair = default_layersync_pair(depth)
+    size = round(model.pos_embed.shape[1] ** 0.5) * model.patch_size  # patches per side x patch
+    config = {"model": dict(input_size=size, in_channels=model.in_channels,
+                            num_classes=model.num_classes), "layersync_pairs": [list(pair)]}
+    return Loaded(model.to(args.device).eval(), config, None, "fp32", f"official weights ({kind})")
 
 
 def load_vae(args):
@@ -220,11 +217,6 @@ def check_sampling(args, model):
              f"has no null class to guide with; use --cfg-scale 1")
 
 
-def data_dir(args, config: dict) -> str:
-    """Where CIFAR-10 is: --data-dir, else where the run found it, else ./data."""
-    return args.data_dir or config.get("flags", {}).get("data_dir", "./data")
-
-
 # ------------------------------------------------------------------ FID, of one file or a whole run
 
 # torch-fidelity's Inception-v3, ported from the TensorFlow FID code (the tests register a stand-in)
@@ -245,22 +237,20 @@ def prepare_fid(args, config: dict) -> dict:
     except ImportError:
         fail("--fid needs the optional extra torch-fidelity: pip install torch-fidelity")
     if "data" not in config:  # the official weights: ImageNet latents
-        fail("--fid compares with a train_cifar.py run's own data; for this ImageNet latent model "
-             "write --npz and score it with the ADM evaluation suite (openai/guided-diffusion, "
-             "evaluations/), as the paper did")
+        fail("--fid compares with a train_cifar.py run's own data; for ImageNet models write --npz "
+             "and score it with the ADM evaluation suite (openai/guided-diffusion), like the paper")
     if args.fid_weights:  # torch-fidelity loads it with weights_only=False: read it safely first
         try:  # weights_only: a file that needs code to load is refused before any of it runs
             weights = torch.load(args.fid_weights, map_location="cpu", weights_only=True)
-        except Exception:  # no such file, no torch file, or one that would run code
-            weights = None
-        if not (isinstance(weights, dict) and weights
-                and all(isinstance(v, torch.Tensor) for v in weights.values())):
-            fail(f"--fid-weights {args.fid_weights}: not a file of plain tensors (a state dict) "
-                 f"that loads without running code")
+            plain = len(weights) > 0 and all(isinstance(v, torch.Tensor) for v in weights.values())
+        except Exception:  # no such file, no torch file, code to run, or not a dict
+            plain = False
+        if not plain:
+            fail(f"--fid-weights {args.fid_weights}: not a state dict that loads without code")
     data, size = config["data"], config["model"]["input_size"]
     if os.path.isabs(data) and not os.path.isdir(data):  # a folder (built-ins are names)
         fail(f"--fid: the run trained on {data}, which is gone; FID needs those images")
-    reference, _, _ = load_data(data, data_dir(args, config), size)  # (N, 3, H, W) uint8
+    reference, _, _ = load_data(data, args.data_dir, size)  # (N, 3, H, W) uint8
     # the cache key: the images themselves and the Inception weights, so that edited images or
     # other weights never reuse statistics computed before
     key = hashlib.sha1(reference.contiguous().numpy())
@@ -343,14 +333,15 @@ def probe_checkpoint(args, loaded: Loaded, vae=None):
         fail("--probe: the probe feeds the null class label, and this model has none (trained with "
              "class_dropout_prob=0)")
     source = args.probe_data or config["data"]  # a latent model sees 8x smaller latents (SD-VAE)
-    images, labels, _ = load_data(source, data_dir(args, config),
-                                  config["model"]["input_size"] * (8 if vae else 1))
-    data = probe_split(source, data_dir(args, config), images, labels,
+    data_dir = args.data_dir or "./data"  # official weights: --probe-data may be cifar10
+    size = config["model"]["input_size"] * (8 if vae else 1)
+    images, labels, _ = load_data(source, data_dir, size)
+    data = probe_split(source, data_dir, images, labels,
                        (lambda x: encode(vae, x, args.device)) if vae else None)
-    folder, name = os.path.split(os.path.join(os.path.abspath(args.ckpt), "last.pt")
-                                 if os.path.isdir(args.ckpt) else os.path.abspath(args.ckpt))
-    default = f"probe_{step:07d}.csv" if step is not None else f"probe_{name.rsplit('.', 1)[0]}.csv"
-    path = args.probe_csv or os.path.join(folder, default)
+    ckpt = os.path.abspath(args.ckpt)  # a file or a run folder: the CSV goes beside or inside
+    name = f"{step:07d}" if step is not None else os.path.splitext(os.path.basename(ckpt))[0]
+    path = args.probe_csv or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt),
+                                          f"probe_{name}.csv")
     pairs = config.get("layersync_pairs") or []
     teacher = pairs[0][1] if pairs else None
     probe = run_probe(model, data, args.probe_t, pairs, loaded.precision, path, step or 0)
@@ -576,7 +567,11 @@ def compare_figure(arms: list, path: str):
     loss relative to the baseline's, (b) the probe of every block, (c) the student block over
     training, (d) every block's cosine to the teacher, (e) every block's relative update, (f) each
     arm's last sample grid, (g) FID over training. Colour = arm, line style = what or which t."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        fail("--compare: the figure needs the optional extra matplotlib: pip install matplotlib "
+             "(the same numbers are printed above)")
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
@@ -635,26 +630,17 @@ def compare_figure(arms: list, path: str):
                loc="outside upper center", ncols=8, fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def compare(args):
-    arms = group_into_arms([read_run(folder) for folder in args.compare])
-    print(compare_table(arms))
-    try:
-        import matplotlib  # noqa: F401 (only: is it installed?)
-    except ImportError:
-        fail("--compare: the figure needs the optional extra matplotlib: pip install matplotlib "
-             "(the same numbers are printed above)")
-    compare_figure(arms, args.figure)
-    print(f"figure: {args.figure}")
+    print(f"figure: {path}")
 
 
 # ------------------------------------------------------------------ main
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.compare:
-        return compare(args)
+    if args.compare:  # the numbers as text first, then the figure
+        arms = group_into_arms([read_run(folder) for folder in args.compare])
+        print(compare_table(arms))
+        return compare_figure(arms, args.figure)
     if args.fid_run:
         return fid_of_run(args)
     loaded = load_model(args)
