@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from layersync import BlockProbe, SiT, check_layersync_pairs, default_layersync_pair
-from layersync import sit_from_official
+from layersync import SiT, check_layersync_pairs, default_layersync_pair, sit_from_official
 # the trainer's own formats (files, data, the probe, samples as pixels) and two of its flag checks
 from train_cifar import (device_arg, load_data, probe_levels, probe_split, read_torch_file,
                          run_probe, sample_pixels, save_grid)
@@ -364,28 +363,42 @@ def probe_checkpoint(args, loaded: Loaded, vae=None):
 # mean over the arm's seeds with its spread (min..max), because two seeds of one configuration can
 # differ as much as LayerSync and the baseline do at small scale.
 
-Run = namedtuple("Run", "name config metrics probes grid fid")  # probes, fid: {step: ...}
+# curves: {name: {x: y}}: "fm", "layersync" and "fid" over the steps; for each noise level t, the
+# last probed step's ("accuracy", t) in %, ("teacher_cosine", t) and ("relative_update", t) over the
+# blocks, and ("student", t), the student block's probe accuracy over the steps
+Run = namedtuple("Run", "name config curves grid")
 Arm = namedtuple("Arm", "label runs student teacher")
+BLOCK_TABLES = (("accuracy", "probe accuracy (%)", 1),
+                ("teacher_cosine", "cosine to the teacher block", 3),
+                ("relative_update", "relative update ||h_k - h_(k-1)|| / ||h_(k-1)||", 3))
 
 
 def read_run(folder: str) -> Run:
-    """What the comparison needs from a train_cifar.py run folder."""
+    """The curves of a train_cifar.py run folder, from its CSVs, and its last sample grid."""
     metrics, ckpt = os.path.join(folder, "metrics.csv"), os.path.join(folder, "last.pt")
     if not (os.path.isfile(metrics) and os.path.isfile(ckpt)):
         fail(f"--compare {folder}: not a train_cifar.py run folder (it needs metrics.csv, last.pt)")
-    probes = {}
-    for row in read_csv(os.path.join(folder, "probe.csv")):
-        probe = probes.setdefault(int(row["step"]), BlockProbe({}, {}, {}))
-        for table in probe._fields:  # teacher_cosine is empty without a teacher
-            if row[table]:
-                getattr(probe, table).setdefault(float(row["t"]), {})[int(row["block"])] = float(
-                    row[table])
-    grids = sorted(glob.glob(os.path.join(folder, "samples_*.png")))
+    config = run_checkpoint(ckpt)["config"]
+    rows = read_csv(metrics)
+    curves = {name: {int(row["step"]): float(row[name]) for row in rows}
+              for name in ("fm", "layersync")}
     fid = read_csv(os.path.join(folder, "fid.csv"))  # the rows with the settings of its last row
-    same = [row for row in fid if all(row[k] == fid[-1][k] for k in FID_FIELDS[1:] if k != "fid")]
-    return Run(os.path.basename(os.path.normpath(folder)), run_checkpoint(ckpt)["config"],
-               [{k: float(v) for k, v in row.items()} for row in read_csv(metrics)], probes,
-               grids[-1] if grids else None, {int(row["step"]): float(row["fid"]) for row in same})
+    curves["fid"] = {int(row["step"]): float(row["fid"]) for row in fid
+                     if all(row[k] == fid[-1][k] for k in FID_FIELDS[1:] if k != "fid")}
+    probes = read_csv(os.path.join(folder, "probe.csv"))
+    last, student = max((int(row["step"]) for row in probes), default=0), (
+        config["layersync_pairs"] or [[None]])[0][0]
+    for row in probes:
+        t, step, block = float(row["t"]), int(row["step"]), int(row["block"])
+        for table, _, _ in BLOCK_TABLES:
+            if step == last and row[table]:  # teacher_cosine is empty without a teacher
+                value = float(row[table]) * (100 if table == "accuracy" else 1)
+                curves.setdefault((table, t), {})[block] = value
+        if block == student:
+            curves.setdefault(("student", t), {})[step] = 100 * float(row["accuracy"])
+    grids = sorted(glob.glob(os.path.join(folder, "samples_*.png")))
+    return Run(os.path.basename(os.path.normpath(folder)), config, curves,
+               grids[-1] if grids else None)
 
 
 def group_into_arms(runs: list) -> list:
@@ -413,25 +426,24 @@ def group_into_arms(runs: list) -> list:
     return arms
 
 
+def seeds(arm: Arm, name) -> list:
+    """The arm's curve `name`, one {x: y} per seed that has it."""
+    return [run.curves[name] for run in arm.runs if run.curves.get(name)]
+
+
+def over_seeds(curves: list) -> tuple:
+    """Curves {x: y}, one per seed -> (xs, mean, min, max) over the x that every seed has."""
+    xs = sorted(set.intersection(*(set(curve) for curve in curves))) if curves else []
+    columns = [[curve[x] for curve in curves] for x in xs]
+    return (xs, [sum(c) / len(c) for c in columns], [min(c) for c in columns],
+            [max(c) for c in columns])
+
+
 def spread(values: list, digits: int) -> str:
     """'mean (min..max)' over seeds, or the value alone for one seed; '-' for none."""
     mean = f"{sum(values) / len(values):.{digits}f}" if values else "-"
     low, high = f"{min(values, default=0):.{digits}f}", f"{max(values, default=0):.{digits}f}"
     return mean if len(values) < 2 else f"{mean} ({low}..{high})"
-
-
-def per_block(arm: Arm, table: str, t: float) -> list:
-    """[{block: value}, one per seed with a probe], at each seed's last probed step; table:
-    "accuracy" (in %), "teacher_cosine" or "relative_update"."""
-    scale = 100 if table == "accuracy" else 1
-    seeds = [getattr(run.probes[max(run.probes)], table).get(t, {}) for run in arm.runs
-             if run.probes]
-    return [{k: scale * value for k, value in seed.items()} for seed in seeds if seed]
-
-
-BLOCK_TABLES = (("accuracy", "probe accuracy (%)", 1),
-                ("teacher_cosine", "cosine to the teacher block", 3),
-                ("relative_update", "relative update ||h_k - h_(k-1)|| / ||h_(k-1)||", 3))
 
 
 def compare_table(arms: list) -> str:
@@ -444,28 +456,28 @@ def compare_table(arms: list) -> str:
     width = max(24, *(len(arm.label) for arm in arms))
     lines.append(f"{'arm':<{width}} {'seeds':>5} {'step':>7} {'fm':>26} {'layersync':>27} "
                  f"{'student':>7} {'teacher':>7} {'FID at the last scored step':>28}")
-    for arm in arms:
-        last = [run.metrics[-1] for run in arm.runs if run.metrics]
-        steps = "/".join(sorted({f"{row['step']:.0f}" for row in last})) or "-"
-        fm, sync = (spread([row[key] for row in last], 4) for key in ("fm", "layersync"))
-        fid = spread([run.fid[max(run.fid)] for run in arm.runs if run.fid], 2)
-        lines.append(f"{arm.label:<{width}} {len(arm.runs):>5} {steps:>7} {fm:>26} {sync:>27} "
-                     f"{arm.student!s:>7} {arm.teacher!s:>7} {fid:>28}")
+    for arm in arms:  # each seed's last logged (scored) value
+        fm, sync, fid = ([curve[max(curve)] for curve in seeds(arm, name)]
+                         for name in ("fm", "layersync", "fid"))
+        steps = "/".join(sorted({str(max(curve)) for curve in seeds(arm, "fm")})) or "-"
+        lines.append(f"{arm.label:<{width}} {len(arm.runs):>5} {steps:>7} {spread(fm, 4):>26} "
+                     f"{spread(sync, 4):>27} {arm.student!s:>7} {arm.teacher!s:>7} "
+                     f"{spread(fid, 2):>28}")
     lines += speedup_lines(arms)
-    ts = sorted({t for arm in arms for run in arm.runs if run.probes
-                 for t in run.probes[max(run.probes)].accuracy}, reverse=True)
+    ts = sorted({name[1] for arm in arms for run in arm.runs for name in run.curves
+                 if isinstance(name, tuple)}, reverse=True)
     cell = max(22, *(len(arm.label) for arm in arms))
     for (table, title, digits), t in ((table, t) for table in BLOCK_TABLES for t in ts):
-        columns = [per_block(arm, table, t) for arm in arms]
-        depth = max((max(seed) for seeds in columns for seed in seeds), default=0)
+        columns = [seeds(arm, (table, t)) for arm in arms]
+        depth = max((max(curve) for curves in columns for curve in curves), default=0)
         if depth:
             lines.append(f"{title} per block, t={t:g}, at each run's last probed step, mean over "
                          f"seeds (min..max):")
             lines.append(f"{'block':>6} " + " ".join(f"{arm.label:>{cell}}" for arm in arms))
             lines += [f"{k:>6} " + " ".join(
-                f"{spread([s[k] for s in seeds if k in s], digits)}"
+                f"{spread([curve[k] for curve in curves if k in curve], digits)}"
                 f"{'s' if k == arm.student else 't' if k == arm.teacher else ' '}".rjust(cell)
-                for arm, seeds in zip(arms, columns)) for k in range(1, depth + 1)]
+                for arm, curves in zip(arms, columns)) for k in range(1, depth + 1)]
     lines.append("(s = LayerSync student block, t = teacher block; where the blocks between the "
                  "student and the teacher all sit near cosine 1 and their relative updates fall, "
                  "the regulariser is collapsing them)")
@@ -473,18 +485,6 @@ def compare_table(arms: list) -> str:
         lines.append("note: an arm with one seed: differences between seeds of the same config can "
                      "be as large as the effect; train each arm with 2 or more --seed values")
     return "\n".join(lines)
-
-
-def over_seeds(curves: list) -> tuple:
-    """Curves {x: y}, one per seed -> (xs, mean, min, max) over the x that every seed has."""
-    xs = sorted(set.intersection(*(set(curve) for curve in curves))) if curves else []
-    columns = [[curve[x] for curve in curves] for x in xs]
-    return (xs, [sum(c) / len(c) for c in columns], [min(c) for c in columns],
-            [max(c) for c in columns])
-
-
-def fid_curve(arm: Arm) -> tuple:
-    return over_seeds([run.fid for run in arm.runs if run.fid])
 
 
 def first_step_at_or_below(xs: list, ys: list, target: float):
@@ -505,13 +505,13 @@ def speedup_lines(arms: list) -> list:
     """The paper's speed-up, per LayerSync arm: the first step at which its mean FID reaches the
     baseline's final mean FID, against the baseline's last scored step."""
     baseline = baseline_arm(arms)
-    steps, mean, _, _ = fid_curve(baseline) if baseline else ([], [], [], [])
+    steps, mean, _, _ = over_seeds(seeds(baseline, "fid") if baseline else [])
     if not steps:
         return []
     lines = [f"FID over training (fid.csv), mean over seeds; the baseline ends at FID "
              f"{mean[-1]:.2f} at step {steps[-1]:,}:"]
     for arm in arms:
-        xs, ys, _, _ = fid_curve(arm)
+        xs, ys, _, _ = over_seeds(seeds(arm, "fid"))
         if arm is not baseline and xs:
             step = first_step_at_or_below(xs, ys, mean[-1])
             lines.append(f"  {arm.label}: " + (
@@ -527,23 +527,6 @@ def band(ax, curve, colour, style="-", marker=None):
     ax.plot(xs, mean, color=colour, linestyle=style, marker=marker)
     if any(lo != hi for lo, hi in zip(low, high)):
         ax.fill_between(xs, low, high, color=colour, alpha=0.2, linewidth=0)
-
-
-def plot_blocks(arm: Arm, t: float, colour, style, ax_block, ax_cosine, ax_update, ax_student):
-    """One arm at one noise level: every block's probe, cosine to the teacher and relative update
-    (student and teacher marked), and the student's probe over training."""
-    for ax, table in ((ax_block, "accuracy"), (ax_cosine, "teacher_cosine"),
-                      (ax_update, "relative_update")):
-        if seeds := per_block(arm, table, t):
-            blocks, mean, _, _ = curve = over_seeds(seeds)
-            band(ax, curve, colour, style, ".")
-            for k, marker in ((arm.student, "v"), (arm.teacher, "*")):
-                if k in blocks:
-                    ax.plot([k], [mean[blocks.index(k)]], marker=marker, markersize=13,
-                            color=colour, markeredgecolor="black", linestyle="none")
-    history = [{step: 100 * probe.accuracy[t][arm.student] for step, probe in run.probes.items()
-                if arm.student in probe.accuracy.get(t, {})} for run in arm.runs]
-    band(ax_student, over_seeds([h for h in history if h]), colour, style, "o")
 
 
 PANELS = (  # (title, x label, y label) of panels (a)-(e) and (g); {ref}: the baseline arm
@@ -577,8 +560,8 @@ def compare_figure(arms: list, path: str):
     from matplotlib.lines import Line2D
     from PIL import Image
 
-    ts = sorted({t for arm in arms for run in arm.runs for probe in run.probes.values()
-                 for t in probe.accuracy}, reverse=True)
+    ts = sorted({name[1] for arm in arms for run in arm.runs for name in run.curves
+                 if isinstance(name, tuple)}, reverse=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(arms)
     styles = ["-", "--", ":", "-."] * len(ts)
     fig = plt.figure(figsize=(26, 11.5), layout="constrained")
@@ -587,17 +570,23 @@ def compare_figure(arms: list, path: str):
     ax_loss, ax_block, ax_student, ax_fid, ax_cosine, ax_update = axes
     ax_sync = ax_loss.twinx()
     reference = baseline_arm(arms) or arms[0]
-    base = dict(zip(*over_seeds([{row["step"]: row["fm"] for row in run.metrics}
-                                 for run in reference.runs])[:2]))
+    base = dict(zip(*over_seeds(seeds(reference, "fm"))[:2]))  # {step: the reference's mean fm}
     for arm, colour in zip(arms, colours):
-        band(ax_loss, over_seeds([{row["step"]: 100 * (row["fm"] / base[row["step"]] - 1)
-                                   for row in run.metrics if row["step"] in base}
-                                  for run in arm.runs]), colour)
-        band(ax_sync, over_seeds([{row["step"]: row["layersync"] for row in run.metrics}
-                                  for run in arm.runs]), colour, "--")
-        band(ax_fid, fid_curve(arm), colour, "-", "o")
+        fm = [(x, *(100 * (y / base[x] - 1) for y in ys))  # x, mean, min, max: % above base
+              for x, *ys in zip(*over_seeds(seeds(arm, "fm"))) if x in base]
+        band(ax_loss, list(zip(*fm)) or [[]] * 4, colour)
+        band(ax_sync, over_seeds(seeds(arm, "layersync")), colour, "--")
+        band(ax_fid, over_seeds(seeds(arm, "fid")), colour, "-", "o")
         for t, style in zip(ts, styles):
-            plot_blocks(arm, t, colour, style, ax_block, ax_cosine, ax_update, ax_student)
+            band(ax_student, over_seeds(seeds(arm, ("student", t))), colour, style, "o")
+            for ax, table in ((ax_block, "accuracy"), (ax_cosine, "teacher_cosine"),
+                              (ax_update, "relative_update")):
+                blocks, mean, _, _ = curve = over_seeds(seeds(arm, (table, t)))
+                band(ax, curve, colour, style, ".")
+                for k, marker in ((arm.student, "v"), (arm.teacher, "*")):  # the pair, marked
+                    if k in blocks:
+                        ax.plot([k], [mean[blocks.index(k)]], marker=marker, markersize=13,
+                                color=colour, markeredgecolor="black", linestyle="none")
     for ax, (title, xlabel, ylabel) in zip(axes, PANELS):
         ax.set(title=title.format(ref=reference.label), xlabel=xlabel,
                ylabel=ylabel.format(ref=reference.label))
@@ -607,7 +596,7 @@ def compare_figure(arms: list, path: str):
             ax.axhline(100 / arms[0].runs[0].config["model"]["num_classes"], color="grey",
                        linewidth=0.8, linestyle=":")
     ax_sync.set_ylabel("LayerSync term, Eq. 2: -cosine (dashed)")
-    if not any(fid_curve(arm)[0] for arm in arms):
+    if not any(seeds(arm, "fid") for arm in arms):
         ax_fid.text(0.5, 0.5, "no fid.csv in these runs:\npython sample.py --fid RUN_DIR",
                     ha="center", transform=ax_fid.transAxes)
     for arm, spec in zip(arms, grid[1, 2:].subgridspec(1, len(arms))):  # (f) the last grids

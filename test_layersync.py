@@ -1670,9 +1670,9 @@ def test_fid_reference_is_cached_by_the_images_content(image_folder, tmp_path, f
         assert passes == ([6, 24] if edit or not seen_before else [6]), passes
 
 
-def fid_run(name: str, weight: float, seed: int, fid: dict, metrics=None) -> "sample_script.Run":
+def fid_run(name: str, weight: float, seed: int, fid: dict) -> "sample_script.Run":
     config = {"layersync_weight": weight, "seed": seed, "layersync_pairs": [[1, 2]]}
-    return sample_script.Run(name, config, metrics or [], {}, None, fid)
+    return sample_script.Run(name, config, {"fid": fid}, None)  # its FID curve alone
 
 
 def test_speedup_is_read_off_the_mean_fid_curves():
