@@ -33,8 +33,7 @@ from train_cifar import (device_arg, load_data, probe_levels, probe_split, read_
                          run_probe, sample_pixels, save_grid)
 
 
-def fail(message: str):
-    """Stop with a one-line message (no traceback), as train_cifar.py does."""
+def fail(message: str):  # one line, no traceback, as in train_cifar.py
     raise SystemExit(f"error: {message}")
 
 
@@ -103,7 +102,6 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------ models and samples
-
 # step: None for official weights; name: "step N (EMA weights)" or "the official weights (...)"
 Loaded = namedtuple("Loaded", "model config step precision name")
 OFFICIAL_KEYS = {"model", "ema", "opt", "args"}  # what the official SiT / LayerSync train.py saves
@@ -217,7 +215,6 @@ def check_sampling(args, model):
 
 
 # ------------------------------------------------------------------ FID, of one file or a whole run
-
 # torch-fidelity's Inception-v3, ported from the TensorFlow FID code (the tests register a stand-in)
 FID_EXTRACTOR = "inception-v3-compat"
 FID_FIELDS = ["step", "n", "fid", "method", "steps", "cfg_scale", "seed"]
@@ -313,17 +310,16 @@ def fid_of_run(args):
             options = prepare_fid(args, loaded.config)
             labels = torch.arange(settings["n"]) % loaded.model.num_classes
         fid = compute_fid(generate(args, loaded, labels), options)
-        new = not os.path.exists(path)
         with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, FID_FIELDS)
-            writer.writeheader() if new else None
+            if f.tell() == 0:  # a new file
+                writer.writeheader()
             writer.writerow({"step": step, "fid": f"{fid:.6g}", **settings})
         print(f"step {step}: FID {fid:.2f} ({settings['n']} samples, {args.method} {args.steps} "
               f"steps) -> {path}")
 
 
 # ------------------------------------------------------------------ the probe of one checkpoint
-
 def probe_checkpoint(args, loaded: Loaded, vae=None):
     """Every block's probe accuracy, on the run's own data or on --probe-data (encoded by `vae`
     for a latent model), as a table and a CSV: the same probe as in training (run_probe)."""
@@ -345,15 +341,14 @@ def probe_checkpoint(args, loaded: Loaded, vae=None):
     teacher = pairs[0][1] if pairs else None
     probe = run_probe(model, data, args.probe_t, pairs, loaded.precision, path, step or 0)
     role = {k: "student" for k, _ in pairs} | {k_teacher: "teacher" for _, k_teacher in pairs}
+    cosines = probe.teacher_cosine.get(args.probe_t[0], {})  # to the teacher, at the first t
     print(f"probe of {args.ckpt} at {loaded.name}, {data.description}; chance "
-          f"{100 / model.num_classes:.1f}%")
-    first_t = args.probe_t[0]
-    cosine_header = f"  cos to block {teacher} (t={first_t:g})" if teacher else ""
-    print(f"{'block':>9} " + " ".join(f"{f't={t:g}':>8}" for t in args.probe_t) + cosine_header)
+          f"{100 / model.num_classes:.1f}%" + (f"; cosine to block {teacher}, t={args.probe_t[0]:g}"
+                                               if cosines else ""))
     for k in range(1, len(model.blocks) + 1):
-        accuracies = " ".join(f"{100 * probe.accuracy[t][k]:>7.1f}%" for t in args.probe_t)
-        cosine = f"  {probe.teacher_cosine[first_t][k]:>8.3f}" if teacher else ""
-        print(f"{role.get(k, ''):>7} {k:>2} {accuracies}{cosine}")
+        accuracies = "".join(f" {100 * probe.accuracy[t][k]:5.1f}% (t={t:g})" for t in args.probe_t)
+        cosine = f"  {cosines[k]:.3f}" if cosines else ""
+        print(f"{role.get(k, ''):>7} {k:>2}{accuracies}{cosine}")
     print(f"probe rows: {path}")
 
 
@@ -623,7 +618,6 @@ def compare_figure(arms: list, path: str):
 
 
 # ------------------------------------------------------------------ main
-
 def main(argv=None):
     args = parse_args(argv)
     if args.compare:  # the numbers as text first, then the figure
@@ -641,20 +635,19 @@ def main(argv=None):
         fail("--probe of official weights needs --probe-data FOLDER (one sub-folder of images per "
              "class, e.g. an ImageNet or Tiny-ImageNet subset)")
     check_sampling(args, model)
-    num_classes = model.num_classes
-    rows = num_classes if args.class_label is None else 1  # one row per class
+    classes = model.num_classes
+    rows = classes if args.class_label is None else 1  # one row per class
     n = args.n or (10_000 if args.fid else 8 * rows)  # FID of a few images means nothing
     if args.grid and n % rows:
         fail(f"--n {n} with --grid: the grid has one row per class, so give a multiple of the "
-             f"{num_classes} classes, e.g. --n {8 * num_classes}, or one --class-label")
+             f"{classes} classes, e.g. --n {8 * classes}, or one --class-label")
     fid_options = prepare_fid(args, config) if args.fid else None
     vae = load_vae(args) if latent else None
     if args.probe:
         probe_checkpoint(args, loaded, vae)
         if not (args.grid or args.npz or args.fid):
             return
-    labels = torch.arange(n) % num_classes if args.class_label is None else torch.full(
-        (n,), args.class_label)
+    labels = torch.arange(n) % rows + (args.class_label or 0)  # i % classes, or the one label
     images = generate(args, loaded, labels, vae)
     print(f"{len(images)} images from {loaded.name}, {args.method} {args.steps} steps, "
           f"cfg {args.cfg_scale}")
