@@ -519,6 +519,8 @@ def speedup_lines(arms: list) -> list:
 def band(ax, curve, colour, style="-", marker=None):
     """A curve over seeds (xs, mean, min, max): the mean, and the min..max band if they differ."""
     xs, mean, low, high = curve
+    if not xs:  # no such curve: the axes keep their limits
+        return
     ax.plot(xs, mean, color=colour, linestyle=style, marker=marker)
     if any(lo != hi for lo, hi in zip(low, high)):
         ax.fill_between(xs, low, high, color=colour, alpha=0.2, linewidth=0)
