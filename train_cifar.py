@@ -43,6 +43,7 @@ ddp = ddp_world_size > 1
 ddp_rank = int(os.environ.get("RANK", 0))
 ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
 master_process = ddp_rank == 0
+STOP_CHECK_EVERY = 10  # under torchrun, steps between agreeing on a Ctrl-C or SIGTERM
 
 
 def fail(message: str):
@@ -56,7 +57,6 @@ def say(*args, **kwargs):
 
 
 # ------------------------------------------------------------------ command line
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +113,7 @@ def parse_args(argv=None):
 
 
 OVERRIDES = ("depth", "hidden_size", "num_heads", "patch_size")  # flags that change the preset
+BUILT_IN_DATA = ("cifar10", "sklearn-digits")  # --data: these names, or an image folder
 # what defines a run; its checkpoint keeps them, so that `--out DIR --resume` alone continues it
 RUN_FLAGS = ("data", "data_dir", "image_size", "hflip", "model", *OVERRIDES, "layersync_weight",
              "layersync_pairs", "steps", "batch_size", "lr", "weight_decay", "grad_clip",
@@ -132,16 +133,14 @@ def device_arg(text: str) -> torch.device:
     name = f"cuda:{ddp_local_rank}" if text == "cuda" and ddp else text
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         fail(f"--device {name}: use cpu, cuda or cuda:N")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if name != "cpu" and not torch.cuda.is_available():
         fail(f"--device {name} but no CUDA GPU is visible; use --device cpu")
     if ddp and text not in ("cpu", "cuda"):
         fail(f"--device {text}: under torchrun give cpu or cuda; each process takes GPU LOCAL_RANK")
-    return device
+    return torch.device(name)
 
 
 def probe_levels(text: str) -> list:
-    """--probe-t: noise levels in [0, 1], comma-separated."""
     try:
         ts = [float(item) for item in text.split(",")]
     except ValueError:
@@ -176,9 +175,10 @@ def check_args(args):
     if args.batch_size % ddp_world_size:
         fail(f"--batch-size {args.batch_size} is the global batch and must divide by the "
              f"{ddp_world_size} processes; use a multiple of {ddp_world_size}")
+    config = model_config(args, num_classes=1)
     try:  # the model's own shape rules (patch divides image, heads divide width), on meta
         with torch.device("meta"):
-            SiT(**model_config(args, num_classes=1))
+            SiT(**config)
     except ValueError as error:
         fail(f"--model {args.model} with these overrides cannot be built: {error}")
     parent = os.path.abspath(args.out)
@@ -186,8 +186,7 @@ def check_args(args):
         parent = os.path.dirname(parent)
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
         fail(f"--out {args.out}: {parent} is not a writable folder")
-    args.pairs = parse_pairs(args.layersync_pairs, model_config(args, 1)["depth"],
-                             args.layersync_weight)
+    args.pairs = parse_pairs(args.layersync_pairs, config["depth"], args.layersync_weight)
 
 
 def parse_pairs(text, depth: int, weight: float) -> list:
@@ -223,13 +222,9 @@ def autocast(device: torch.device, precision: str):
 
 
 # ------------------------------------------------------------------ data
-
 def from_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels 0..255 -> floats in [-1, 1], the model's data range (sample_pixels: back)."""
     return pixels.float() / 127.5 - 1
-
-
-BUILT_IN_DATA = ("cifar10", "sklearn-digits")
 
 
 def load_data(data: str, data_dir: str, image_size: int):
@@ -283,7 +278,6 @@ class DeviceBatches:
 
 
 # ------------------------------------------------------------------ the training step
-
 @torch.no_grad()
 def update_ema(ema_params, params, step: int, max_decay: float):
     # warm-up: decay (1 + step) / (10 + step), so that short runs still get a usable EMA
@@ -305,10 +299,7 @@ def train_step(args, parts, x, y, step: int, pairs: list, weight: float):
     return losses, grad_norm
 
 
-Parts = namedtuple("Parts", "model ema optimizer forward ema_params")
-
-
-def build(args, config: dict, device) -> Parts:
+def build(args, config: dict, device) -> SimpleNamespace:
     """The SiT, its EMA, AdamW, and `forward`: the model as the step calls it (DDP, compiled)."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = SiT(**config).to(device)
@@ -322,11 +313,11 @@ def build(args, config: dict, device) -> Parts:
     if args.compile:
         forward = torch.compile(forward)  # compiled around DDP, so they overlap
     torch.manual_seed(stream_seed(args.seed, ddp_rank))  # then each rank its own noise and t
-    return Parts(model, ema, optimizer, forward, list(ema.parameters()))
+    return SimpleNamespace(model=model, ema=ema, optimizer=optimizer, forward=forward,
+                           ema_params=list(ema.parameters()))
 
 
 # ------------------------------------------------------------------ training
-
 def train(args):
     run = prepare_on_every_rank(args)
     if run is None:
@@ -364,9 +355,8 @@ def train(args):
             if due(args.keep_every):  # an EMA snapshot kept for good: FID over training
                 save(os.path.join(args.out, f"ema_{step:07d}.pt"), parts, step, run.config)
             if due(args.sample_every) and master_process:  # EMA samples, the same noise each time
-                sample_grid(parts.ema, run.config["model"],
-                            os.path.join(args.out, f"samples_{step:07d}.png"), args.sample_steps,
-                            args.precision)
+                png = os.path.join(args.out, f"samples_{step:07d}.png")
+                sample_grid(parts.ema, run.config["model"], png, args.sample_steps, args.precision)
             if probes and master_process and due(args.probe_every):  # every block, rank 0 only
                 probe = run_probe(parts.ema, run.probe_data, args.probe_t, pairs, args.precision)
                 probes.write(probe_rows(step, probe))
@@ -378,9 +368,8 @@ def train(args):
             if closing:
                 closing.close()
     if stop_signal:
-        say(f"interrupted by {signal.Signals(stop_signal).name}: saved step {step} of "
-            f"{args.steps} to {ckpt_path}; rerun with --out {args.out} --resume to continue",
-            file=sys.stderr)
+        say(f"interrupted by {signal.Signals(stop_signal).name}: saved step {step} of {args.steps} "
+            f"to {ckpt_path}; rerun with --out {args.out} --resume to continue", file=sys.stderr)
         raise SystemExit(128 + stop_signal)  # the shell's code for "killed by this signal"
     if ddp:
         check_ranks_agree(parts.model)
@@ -439,8 +428,8 @@ def prepare_on_every_rank(args):
     rank stops them all, with its message. --out is made only then."""
     # a download can outlast NCCL's 10-minute timeout: the others wait on the CPU, for up to 2 hours
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if ddp else None
-    run, first = None, args.data == "cifar10"
-    for my_turn in (master_process, not master_process) if first else (True, False):
+    run = None
+    for my_turn in (master_process, not master_process) if args.data == "cifar10" else (True,):
         error = None
         if my_turn:
             try:
@@ -462,14 +451,13 @@ def prepare(args):
     images, labels, classes = load_data(args.data, args.data_dir, args.image_size)
     if len(images) < args.batch_size:  # before --out is made
         fail(f"the dataset has {len(images)} images, fewer than --batch-size {args.batch_size}")
-    data_identity = args.data if args.data in BUILT_IN_DATA else os.path.realpath(args.data)
-    config = {k: getattr(args, k) for k in ("hflip", "layersync_weight", "batch_size", "lr",
-                                            "weight_decay", "grad_clip", "ema_decay", "seed",
-                                            "precision")}
-    config.update(model=model_config(args, len(classes)), data=data_identity,
-                  classes=list(classes), layersync_pairs=[list(p) for p in args.pairs],
-                  flags={name: getattr(args, name) for name in RUN_FLAGS})
-    config["flags"].update(data=config["data"], data_dir=os.path.abspath(args.data_dir))
+    flags = {name: getattr(args, name) for name in RUN_FLAGS}
+    flags.update(data=args.data if args.data in BUILT_IN_DATA else os.path.realpath(args.data),
+                 data_dir=os.path.abspath(args.data_dir))
+    config = {k: flags[k] for k in ("hflip", "layersync_weight", "batch_size", "lr", "weight_decay",
+                                    "grad_clip", "ema_decay", "seed", "precision", "data")}
+    config.update(model=model_config(args, len(classes)), classes=list(classes),
+                  layersync_pairs=[list(p) for p in args.pairs], flags=flags)
     if checkpoint is not None:  # before building anything: a mismatch costs no time
         check_resume_config(checkpoint["config"], config, ckpt_path)
         if checkpoint["step"] >= args.steps:
@@ -497,18 +485,20 @@ def describe_run(args, run, model) -> str:
 
 
 # ------------------------------------------------------------------ checkpoints
-
-CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config", "rng"}
-
-
-def save(path: str, parts: Parts, step: int, config: dict, batches=None, elapsed_s=0.0):
+def save(path: str, parts, step: int, config: dict, batches=None, elapsed_s=0.0):
     """The whole training state (with the run's seconds so far, for metrics.csv), or without
     `batches` an EMA snapshot (ema, step, config); written by rank 0, and a failed write stops every
     rank, in one line."""
     state = {"ema": parts.ema.state_dict(), "step": step, "config": config}
-    if batches is not None:
+    if batches is not None:  # the data order (shared) and every rank's own torch/CUDA generators
+        generators = {"torch": torch.get_rng_state()}
+        if batches.device.type == "cuda":
+            generators["cuda"] = torch.cuda.get_rng_state(batches.device)
+        ranks = [generators] * ddp_world_size  # under torchrun, filled by the gather below
+        if ddp:
+            dist.all_gather_object(ranks, generators)
         state.update(model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
-                     rng=rng_state(batches), elapsed_s=elapsed_s)
+                     rng={"data": batches.state_dict(), "ranks": ranks}, elapsed_s=elapsed_s)
     tmp = path + ".tmp"
     try:
         if master_process:  # a temporary file, then a rename: a kill while saving never breaks path
@@ -529,14 +519,14 @@ def save(path: str, parts: Parts, step: int, config: dict, batches=None, elapsed
 
 def read_torch_file(path: str):
     """torch.load(path) as data, never as code, or one line saying what the file is instead. A
-    folder reads its last.pt. argparse.Namespace (plain values) is allowed: the official SiT and
-    LayerSync train.py store their flags in one."""
+    folder reads its last.pt."""
     path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
     if not zipfile.is_zipfile(path):  # a CSV, a PNG: torch's own message would say to re-save it
         fail(f"{path} is not a torch checkpoint (torch.save writes a zip archive)")
     try:  # weights_only: the file is data; mmap: under torchrun the processes share one copy
+        # argparse.Namespace holds plain values: the official SiT and LayerSync train.py's flags
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:  # refused before anything in it ran
@@ -549,45 +539,53 @@ def read_torch_file(path: str):
 
 def load_checkpoint(path: str) -> dict:
     """A train_cifar.py checkpoint, or a one-line error saying why it is not one."""
+    expected = {"model", "ema", "optimizer", "step", "config", "rng"}  # as save() writes them
     checkpoint = read_torch_file(path)
-    if not (isinstance(checkpoint, dict) and CHECKPOINT_KEYS <= checkpoint.keys()
+    if not (isinstance(checkpoint, dict) and expected <= checkpoint.keys()
             and isinstance(checkpoint["config"], dict) and "flags" in checkpoint["config"]):
         found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint)
         fail(f"{path} is not a checkpoint of this train_cifar.py (expected the keys "
-             f"{sorted(CHECKPOINT_KEYS)} and the run's flags, found {found})")
+             f"{sorted(expected)} and the run's flags, found {found})")
     return checkpoint
 
 
-def resume(checkpoint: dict, parts: Parts, batches, args) -> int:
+def resume(checkpoint: dict, parts, batches, args) -> int:
     """Model, EMA, optimizer, data order and RNG streams as saved; returns the step."""
+    step, ranks = checkpoint["step"], checkpoint["rng"]["ranks"]
     parts.model.load_state_dict(checkpoint["model"])
     parts.ema.load_state_dict(checkpoint["ema"])
     parts.optimizer.load_state_dict(checkpoint["optimizer"])
     for group in parts.optimizer.param_groups:  # the settings a resume may change
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-    restore_rng(checkpoint["rng"], args.device, batches, checkpoint["step"], args.seed)
+    if len(ranks) == ddp_world_size:  # the exact generators
+        torch.set_rng_state(ranks[ddp_rank]["torch"])
+        if args.device.type == "cuda" and "cuda" in ranks[ddp_rank]:
+            torch.cuda.set_rng_state(ranks[ddp_rank]["cuda"], args.device)
+    else:
+        torch.manual_seed(stream_seed(args.seed, ddp_rank) + 7919 * step)
+        say(f"note: the checkpoint was written by {len(ranks)} process(es), this run has "
+            f"{ddp_world_size}: the data order and the global batch continue unchanged, the noise "
+            f"and t streams are reseeded, so the run is not bit-identical to an uninterrupted one")
+    batches.load_state_dict(checkpoint["rng"]["data"])
     changed = ", ".join(args.changed) or "none"
-    say(f"resumed at step {checkpoint['step']} of {args.steps}; settings changed: {changed}")
-    return checkpoint["step"]
+    say(f"resumed at step {step} of {args.steps}; settings changed: {changed}")
+    return step
 
 
 def check_resume_config(old: dict, new: dict, path: str):
     """Model, data and class list must match (labels would shift otherwise); the rest may change."""
-    diff = [f"{k}: {old['model'].get(k)} in the checkpoint, {new['model'].get(k)} now"
-            for k in sorted(set(old["model"]) | set(new["model"]))
-            if old["model"].get(k) != new["model"].get(k)]
+    model_keys = sorted(set(old["model"]) | set(new["model"]))
+    compared = [(k, old["model"].get(k), new["model"].get(k)) for k in model_keys]
     # the seed too: the resumed RNG streams would ignore a new one
-    diff += [f"{k}: {old.get(k)} in the checkpoint, {new[k]} now"
-             for k in ("data", "classes", "seed") if old.get(k) != new[k]]
+    compared += [(k, old.get(k), new[k]) for k in ("data", "classes", "seed")]
+    diff = [f"{k}: {was} in the checkpoint, {now} now" for k, was, now in compared if was != now]
     if diff:
         fail(f"{path} belongs to another configuration ({'; '.join(diff)}); "
              f"resume with the same model and data flags, or start a new run in another --out")
 
 
 # ========================== what a first reading can skip: formats, probe, grids, torchrun, signals
-
 # ------------------------------------------------------------------ data formats
-
 def load_cifar10(data_dir: str, train: bool = True):
     from torchvision.datasets import CIFAR10
     existed = os.path.exists(data_dir)
@@ -632,8 +630,7 @@ def read_image(path: str):
     if image.mode.startswith("I"):  # I;16* (16-bit PNG/TIFF) or I (how older Pillows open them)
         values = np.asarray(image)
         if values.size and (values.min() < 0 or values.max() > 65535):
-            fail(f"{path}: 32-bit integer pixels outside 0..65535; save it as an 8- or 16-bit "
-                 f"image")
+            fail(f"{path}: integer pixels outside 0..65535; save it as an 8- or 16-bit image")
         image = Image.fromarray(np.round(values / 257.0).astype(np.uint8), "L")  # 65535 -> 255
     elif image.mode == "F":
         fail(f"{path}: floating-point pixels have no fixed range; save it as an 8- or 16-bit image")
@@ -665,7 +662,6 @@ def load_image_folder(path: str, size: int):
 # ------------------------------------------------------------------ the probe's data
 # The model side is layersync.linear_probe; here: which real images fit the classifier and which
 # score it (the paper: Tiny-ImageNet and trained probes; here: closed form on the run's own data).
-
 PROBE_FIT_IMAGES = 10_000
 PROBE_SEED = 1234  # the fitted subset: the same for every run, apart from --seed
 ProbeData = namedtuple("ProbeData", "fit scored description")  # fit, scored: (x1, labels)
@@ -689,7 +685,7 @@ def probe_split(data: str, data_dir: str, images, labels, encode=None) -> ProbeD
     held = torch.zeros(len(labels), dtype=torch.bool)
     for c in labels.unique():
         held[(labels == c).nonzero().flatten()[4::5]] = True
-    if not held.any() or held.all():
+    if not held.any():  # never all: a class of n images holds n // 5 of them
         fail("the probe needs a class with at least 5 images (every 5th image of a class is held "
              "out to score the probe); add images or pass --probe-every 0")
     fit = (~held).nonzero().flatten()
@@ -697,8 +693,7 @@ def probe_split(data: str, data_dir: str, images, labels, encode=None) -> ProbeD
         pick = torch.randperm(len(fit), generator=torch.Generator().manual_seed(PROBE_SEED))
         fit = fit[pick[:PROBE_FIT_IMAGES].sort().values]
     scored = f"every 5th image of each class ({int(held.sum())})"
-    return ProbeData((to_input(images[fit]), labels[fit]),
-                     (to_input(images[held]), labels[held]),
+    return ProbeData((to_input(images[fit]), labels[fit]), (to_input(images[held]), labels[held]),
                      f"fit on {len(fit)} images, scored on {scored}")
 
 
@@ -733,7 +728,6 @@ def probe_rows(step: int, probe) -> list:
 
 
 # ------------------------------------------------------------------ sample grids
-
 def sample_pixels(model, noise, labels, steps: int, precision: str, method: str = "heun",
                   cfg_scale: float = 1.0, decode=None) -> torch.Tensor:
     """uint8 images (N, 3, H, W) by the ODE sampler (training's grids and sample.py's images);
@@ -771,10 +765,6 @@ def sample_grid(ema, config: dict, path: str, steps: int, precision: str):
 # ------------------------------------------------------------------ agreement between processes
 # A decision that could differ between ranks (a non-finite loss, a signal, a failed save) is made
 # by a collective, so no rank waits alone in one; bad input needs none (every rank refuses alike).
-
-STOP_CHECK_EVERY = 10  # under torchrun, steps between agreeing on a Ctrl-C or SIGTERM
-
-
 def stop_together(error, group=None):
     """Every rank passes its own error message or None; if any rank has one, all stop with it.
     Only rank 0 prints it (main() silences the others), so the user reads it once."""
@@ -809,37 +799,8 @@ class NonFiniteWatch:
         if ddp:  # the earliest bad step of any rank: a NaN spreads to all ranks in one step
             dist.all_reduce(self.first_bad, op=dist.ReduceOp.MIN)
         if (bad := int(self.first_bad)) != self.NEVER:
-            fail(f"the loss became non-finite at step {bad}; stopped without saving, so "
-                 f"{self.ckpt_path} keeps the last good state. Try a lower --lr, --precision fp32 "
-                 f"or a smaller --grad-clip.")
-
-
-def rng_state(batches) -> dict:
-    """The data order (shared) and every rank's own torch/CUDA generators, gathered on all ranks."""
-    mine = {"torch": torch.get_rng_state()}
-    if batches.device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(batches.device)
-    ranks = [mine]
-    if ddp:
-        ranks = [None] * ddp_world_size
-        dist.all_gather_object(ranks, mine)
-    return {"data": batches.state_dict(), "ranks": ranks}
-
-
-def restore_rng(state: dict, device, batches, step: int, seed: int):
-    """The exact generators when the number of processes is unchanged; otherwise fresh per-rank
-    streams (the data order still continues exactly, the noise draws do not)."""
-    ranks = state["ranks"]
-    if len(ranks) == ddp_world_size:
-        torch.set_rng_state(ranks[ddp_rank]["torch"])
-        if device.type == "cuda" and "cuda" in ranks[ddp_rank]:
-            torch.cuda.set_rng_state(ranks[ddp_rank]["cuda"], device)
-    else:
-        torch.manual_seed(stream_seed(seed, ddp_rank) + 7919 * step)
-        say(f"note: the checkpoint was written by {len(ranks)} process(es), this run has "
-            f"{ddp_world_size}: the data order and the global batch continue unchanged, the noise "
-            f"and t streams are reseeded, so the run is not bit-identical to an uninterrupted one")
-    batches.load_state_dict(state["data"])
+            fail(f"the loss became non-finite at step {bad}; nothing saved: {self.ckpt_path} keeps "
+                 f"the last good state. Try a lower --lr or --grad-clip, or --precision fp32.")
 
 
 def check_ranks_agree(model):
@@ -853,7 +814,6 @@ def check_ranks_agree(model):
 
 
 # ------------------------------------------------------------------ signals
-
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM (SLURM and most schedulers) finish the step, save and stop; a
     second signal of the same kind acts at once, with the default behaviour."""
@@ -861,7 +821,7 @@ class StopSignals:
     def __init__(self, device):
         # agreed on the CPU: with NCCL, the default group would wait for the GPU
         self.group = dist.new_group(backend="gloo") if ddp and device.type == "cuda" else None
-        self.received = None
+        self.received = 0
         self.previous = {sig: signal.signal(sig, self.handle)
                          for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -871,13 +831,12 @@ class StopSignals:
         signal.signal(signum, default)
 
     def agreed(self, step: int, last_step: int) -> int:
-        """The signal to stop for (0: none), the same on every rank: the largest rank's value,
-        agreed over the CPU (gloo) every STOP_CHECK_EVERY steps, so it never waits for the GPU."""
+        """The signal to stop for (0: none): the largest rank's, every STOP_CHECK_EVERY steps."""
         if not ddp:
-            return self.received or 0
+            return self.received
         if step % STOP_CHECK_EVERY and step != last_step:
             return 0
-        flag = torch.tensor([self.received or 0])
+        flag = torch.tensor([self.received])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return int(flag)
 
@@ -887,7 +846,6 @@ class StopSignals:
 
 
 # ------------------------------------------------------------------ CSV logs that survive a resume
-
 METRICS_FIELDS = ["step", "loss", "fm", "layersync", "grad_norm", "img_per_s", "elapsed_s"]
 PROBE_FIELDS = ["step", "t", "block", "accuracy", "teacher_cosine", "relative_update"]
 
@@ -897,7 +855,7 @@ class CsvLog:
     later rows, and a row cut short by a kill, are dropped."""
 
     def __init__(self, path: str, fields: list, resume_step: int = 0):
-        self.fields, self.file, self.rows = fields, None, []
+        self.file, self.rows = None, []
         if not master_process:
             return
         if resume_step and os.path.exists(path):
@@ -906,8 +864,7 @@ class CsvLog:
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=fields)
         self.writer.writeheader()
-        self.writer.writerows(self.rows)
-        self.file.flush()
+        self.write(self.rows)  # read back as text: written unchanged
 
     def write(self, rows):
         if self.file:
