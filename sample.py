@@ -543,10 +543,8 @@ PANELS = (  # (title, x label, y label) of panels (a)-(e) and (g); {ref}: the ba
 
 
 def compare_figure(arms: list, path: str):
-    """Panels, each the mean over an arm's seeds with a min..max band: (a) losses, the flow-matching
-    loss relative to the baseline's, (b) the probe of every block, (c) the student block over
-    training, (d) every block's cosine to the teacher, (e) every block's relative update, (f) each
-    arm's last sample grid, (g) FID over training. Colour = arm, line style = what or which t."""
+    """Panels (a)-(e) and (g) as PANELS titles them, each the mean over an arm's seeds with a
+    min..max band, and (f) each arm's last sample grid. Colour = arm, line style = which t."""
     try:
         import matplotlib
     except ImportError:

@@ -1202,15 +1202,17 @@ def test_crash_while_saving_keeps_the_old_checkpoint(image_folder, tmp_path, mon
     assert not (out / "last.pt.tmp").exists()
 
 
+@pytest.mark.parametrize("output", [["--keep-every", "5"], ["--probe-every", "5"]])
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path,
-                                                                  monkeypatch):
+                                                                  monkeypatch, output):
     poison_training_loss(monkeypatch, 4, lambda out: out.update(loss=out["loss"] * float("nan")))
     out = tmp_path / "run"
     message = run_error(["--data", image_folder, "--out", str(out), *TINY, "--steps", "8",
-                         "--ckpt-every", "2", "--keep-every", "5", "--log-every", "3"])
+                         "--ckpt-every", "3", "--log-every", "3", *output])  # logged at 6
     assert "non-finite at step 4" in message and "last.pt" in message
-    assert checkpoint(out)["step"] == 2
+    assert checkpoint(out)["step"] == 3
     assert not (out / "ema_0000005.pt").exists()  # no snapshot of poisoned weights either
+    assert list(csv.DictReader(open(out / "probe.csv"))) == []  # nor a probe of them
 
 
 def test_ctrl_c_finishes_the_step_saves_and_stops(image_folder, tmp_path, monkeypatch):

@@ -348,8 +348,9 @@ def train(args):
                 bar.set_postfix_str(log.write(metrics, step, args))
             pause = time.perf_counter()
             stop_signal = signals.agreed(step, args.steps)  # every rank stops at the same step
-            if stop_signal or any(map(due, (args.ckpt_every, args.keep_every, args.sample_every))):
-                non_finite.check()  # nothing is saved or drawn from non-finite weights
+            outputs = (args.ckpt_every, args.keep_every, args.sample_every, args.probe_every)
+            if stop_signal or any(map(due, outputs)):
+                non_finite.check()  # nothing is saved, drawn or probed from non-finite weights
             if due(args.ckpt_every) or stop_signal:  # first: nothing after it can lose the run
                 save(ckpt_path, parts, step, run.config, batches, time.perf_counter() - log.start)
             if due(args.keep_every):  # an EMA snapshot kept for good: FID over training
