@@ -312,7 +312,7 @@ def build(args, config: dict, device) -> SimpleNamespace:
         forward = DistributedDataParallel(model, device_ids=device_ids)
     if args.compile:
         forward = torch.compile(forward)  # compiled around DDP, so they overlap
-    torch.manual_seed(stream_seed(args.seed, ddp_rank))  # then each rank its own noise and t
+    torch.manual_seed(args.seed * 1_000_003 + ddp_rank)  # then each rank its own noise, t, dropout
     return SimpleNamespace(model=model, ema=ema, optimizer=optimizer, forward=forward,
                            ema_params=list(ema.parameters()))
 
@@ -330,8 +330,7 @@ def train(args):
     metrics = CsvLog(os.path.join(args.out, "metrics.csv"), METRICS_FIELDS, step)
     probes = run.probe_data and CsvLog(os.path.join(args.out, "probe.csv"), PROBE_FIELDS, step)
     non_finite, signals = NonFiniteWatch(device, ckpt_path), StopSignals(device)
-    last_row = float(metrics.rows[-1]["elapsed_s"] or 0) if metrics.rows else 0  # older last.pt
-    log = Interval(step, args, run.checkpoint.get("elapsed_s", last_row) if run.checkpoint else 0)
+    log = Interval(step, args, run.checkpoint["elapsed_s"] if run.checkpoint else 0)
     bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, disable=not master_process)
     due = lambda every: every and (step % every == 0 or step == args.steps)  # noqa: E731
     stop_signal = 0
@@ -429,9 +428,8 @@ def prepare_on_every_rank(args):
     rank stops them all, with its message. --out is made only then."""
     # a download can outlast NCCL's 10-minute timeout: the others wait on the CPU, for up to 2 hours
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if ddp else None
-    run = None
+    run = error = None  # an error stops every rank at once: it is None at each turn's start
     for my_turn in (master_process, not master_process) if args.data == "cifar10" else (True,):
-        error = None
         if my_turn:
             try:
                 run = prepare(args)
@@ -487,9 +485,8 @@ def describe_run(args, run, model) -> str:
 
 # ------------------------------------------------------------------ checkpoints
 def save(path: str, parts, step: int, config: dict, batches=None, elapsed_s=0.0):
-    """The whole training state (with the run's seconds so far, for metrics.csv), or without
-    `batches` an EMA snapshot (ema, step, config); written by rank 0, and a failed write stops every
-    rank, in one line."""
+    """The whole training state and the run's seconds (for metrics.csv), or without `batches` an EMA
+    snapshot (ema, step, config); rank 0 writes, and a failed write stops every rank in one line."""
     state = {"ema": parts.ema.state_dict(), "step": step, "config": config}
     if batches is not None:  # the data order (shared) and every rank's own torch/CUDA generators
         generators = {"torch": torch.get_rng_state()}
@@ -540,7 +537,7 @@ def read_torch_file(path: str):
 
 def load_checkpoint(path: str) -> dict:
     """A train_cifar.py checkpoint, or a one-line error saying why it is not one."""
-    expected = {"model", "ema", "optimizer", "step", "config", "rng"}  # as save() writes them
+    expected = {"model", "ema", "optimizer", "step", "config", "rng", "elapsed_s"}  # as save()
     checkpoint = read_torch_file(path)
     if not (isinstance(checkpoint, dict) and expected <= checkpoint.keys()
             and isinstance(checkpoint["config"], dict) and "flags" in checkpoint["config"]):
@@ -563,7 +560,7 @@ def resume(checkpoint: dict, parts, batches, args) -> int:
         if args.device.type == "cuda" and "cuda" in ranks[ddp_rank]:
             torch.cuda.set_rng_state(ranks[ddp_rank]["cuda"], args.device)
     else:
-        torch.manual_seed(stream_seed(args.seed, ddp_rank) + 7919 * step)
+        torch.manual_seed(args.seed * 1_000_003 + ddp_rank + 7919 * step)  # new per-rank streams
         say(f"note: the checkpoint was written by {len(ranks)} process(es), this run has "
             f"{ddp_world_size}: the data order and the global batch continue unchanged, the noise "
             f"and t streams are reseeded, so the run is not bit-identical to an uninterrupted one")
@@ -574,12 +571,11 @@ def resume(checkpoint: dict, parts, batches, args) -> int:
 
 
 def check_resume_config(old: dict, new: dict, path: str):
-    """Model, data and class list must match (labels would shift otherwise); the rest may change."""
-    model_keys = sorted(set(old["model"]) | set(new["model"]))
-    compared = [(k, old["model"].get(k), new["model"].get(k)) for k in model_keys]
-    # the seed too: the resumed RNG streams would ignore a new one
-    compared += [(k, old.get(k), new[k]) for k in ("data", "classes", "seed")]
-    diff = [f"{k}: {was} in the checkpoint, {now} now" for k, was, now in compared if was != now]
+    """Model, data, classes (labels would shift) and seed (resumed streams ignore it) must match."""
+    old, new = ({**config["model"], **{k: config.get(k) for k in ("data", "classes", "seed")}}
+                for config in (old, new))
+    diff = [f"{k}: {old.get(k)} in the checkpoint, {new.get(k)} now" for k in sorted(old | new)
+            if old.get(k) != new.get(k)]
     if diff:
         fail(f"{path} belongs to another configuration ({'; '.join(diff)}); "
              f"resume with the same model and data flags, or start a new run in another --out")
@@ -700,9 +696,8 @@ def probe_split(data: str, data_dir: str, images, labels, encode=None) -> ProbeD
 
 def run_probe(model: SiT, data: ProbeData, ts: list, pairs: list, precision: str,
               csv_path=None, step: int = 0):
-    """layersync.linear_probe on the run's probe images, at the run's precision; the cosines are
-    measured against the first pair's teacher block (also in a baseline, without a gradient).
-    Given csv_path, its rows are written there too (sample.py --probe)."""
+    """layersync.linear_probe at the run's precision, cosines to the first pair's teacher block (a
+    baseline's too, without gradient); given csv_path, its rows go there too (sample.py --probe)."""
     teacher = pairs[0][1] if pairs else None
     with autocast(model.pos_embed.device, precision):
         probe = linear_probe(model, data.fit, data.scored, ts, teacher)
@@ -777,11 +772,6 @@ def stop_together(error, group=None):
         raise SystemExit(error)
 
 
-def stream_seed(seed: int, process_rank: int) -> int:
-    """The seed of one rank's noise, t and label-dropout stream: distinct for every (seed, rank)."""
-    return seed * 1_000_003 + process_rank
-
-
 class NonFiniteWatch:
     """Remembers, on the device and without a host sync, the first step whose loss was not finite;
     check() stops every rank with one message, before anything is saved."""
@@ -833,10 +823,8 @@ class StopSignals:
 
     def agreed(self, step: int, last_step: int) -> int:
         """The signal to stop for (0: none): the largest rank's, every STOP_CHECK_EVERY steps."""
-        if not ddp:
-            return self.received
-        if step % STOP_CHECK_EVERY and step != last_step:
-            return 0
+        if not ddp or (step % STOP_CHECK_EVERY and step != last_step):  # alone, or not yet due
+            return 0 if ddp else self.received
         flag = torch.tensor([self.received])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return int(flag)
@@ -852,8 +840,7 @@ PROBE_FIELDS = ["step", "t", "block", "accuracy", "teacher_cosine", "relative_up
 
 
 class CsvLog:
-    """A CSV that rank 0 alone writes. On a resume, the rows up to the restart step are kept;
-    later rows, and a row cut short by a kill, are dropped."""
+    """A CSV that rank 0 alone writes; a resume keeps its readable rows up to the restart step."""
 
     def __init__(self, path: str, fields: list, resume_step: int = 0):
         self.file, self.rows = None, []
@@ -891,7 +878,6 @@ def readable(row: dict, resume_step: int) -> bool:
 def main(argv=None):
     try:
         args = parse_args(argv)
-        # TF32 for whatever still runs in fp32 on CUDA
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if ddp:  # NCCL with one GPU per process (chosen by LOCAL_RANK), or gloo on the CPU
             if args.device.type == "cuda":
