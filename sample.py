@@ -183,9 +183,8 @@ def first_line(error: Exception) -> str:
 @torch.no_grad()
 def encode(vae, images: torch.Tensor, device, batch_size: int = 64) -> torch.Tensor:
     """Images in [-1, 1] -> the latents the model trained on: posterior mean x scaling factor."""
-    scale = vae.config.scaling_factor  # 0.18215 for SD-VAE
-    return torch.cat([vae.encode(x.to(device)).latent_dist.mean.cpu() * scale
-                      for x in images.split(batch_size)])
+    return torch.cat([vae.encode(x.to(device)).latent_dist.mean.cpu() * vae.config.scaling_factor
+                      for x in images.split(batch_size)])  # scaling factor: 0.18215 for SD-VAE
 
 
 @torch.no_grad()
@@ -197,13 +196,10 @@ def generate(args, loaded: Loaded, labels, vae=None) -> torch.Tensor:
     noise = torch.randn(len(labels), model.in_channels, size, size, generator=generator)
     # latents -> images in [-1, 1], as the official sample.py decodes them
     decode = (lambda z: vae.decode(z.float() / vae.config.scaling_factor).sample) if vae else None
-    out = []
-    for start in tqdm(range(0, len(labels), args.batch_size), desc="sampling", unit="batch"):
-        x = noise[start:start + args.batch_size].to(args.device)
-        y = labels[start:start + args.batch_size].to(args.device)
-        out.append(sample_pixels(model, x, y, args.steps, loaded.precision, args.method,
-                                 args.cfg_scale, decode).permute(0, 2, 3, 1).cpu())
-    return torch.cat(out)
+    batches = list(zip(noise.split(args.batch_size), labels.split(args.batch_size)))
+    return torch.cat([sample_pixels(model, x.to(args.device), y.to(args.device), args.steps,
+                                    loaded.precision, args.method, args.cfg_scale, decode)
+                      .permute(0, 2, 3, 1).cpu() for x, y in tqdm(batches, desc="sampling")])
 
 
 def check_sampling(args, model):
