@@ -369,16 +369,15 @@ def read_run(folder: str) -> Run:
     metrics, ckpt = os.path.join(folder, "metrics.csv"), os.path.join(folder, "last.pt")
     if not (os.path.isfile(metrics) and os.path.isfile(ckpt)):
         fail(f"--compare {folder}: not a train_cifar.py run folder (it needs metrics.csv, last.pt)")
-    config = run_checkpoint(ckpt)["config"]
-    rows = read_csv(metrics)
+    config, rows = run_checkpoint(ckpt)["config"], read_csv(metrics)
     curves = {name: {int(row["step"]): float(row[name]) for row in rows}
               for name in ("fm", "layersync")}
     fid = read_csv(os.path.join(folder, "fid.csv"))  # the rows with the settings of its last row
     curves["fid"] = {int(row["step"]): float(row["fid"]) for row in fid
                      if all(row[k] == fid[-1][k] for k in FID_FIELDS[1:] if k != "fid")}
     probes = read_csv(os.path.join(folder, "probe.csv"))
-    last, student = max((int(row["step"]) for row in probes), default=0), (
-        config["layersync_pairs"] or [[None]])[0][0]
+    last = max((int(row["step"]) for row in probes), default=0)
+    student = (config["layersync_pairs"] or [[None]])[0][0]
     for row in probes:
         t, step, block = float(row["t"]), int(row["step"]), int(row["block"])
         for table, _, _ in BLOCK_TABLES:
@@ -387,9 +386,8 @@ def read_run(folder: str) -> Run:
                 curves.setdefault((table, t), {})[block] = value
         if block == student:
             curves.setdefault(("student", t), {})[step] = 100 * float(row["accuracy"])
-    grids = sorted(glob.glob(os.path.join(folder, "samples_*.png")))
-    return Run(os.path.basename(os.path.normpath(folder)), config, curves,
-               grids[-1] if grids else None)
+    return Run(os.path.basename(os.path.normpath(folder)), config, curves,  # and the last grid
+               max(glob.glob(os.path.join(folder, "samples_*.png")), default=None))
 
 
 def group_into_arms(runs: list) -> list:
@@ -400,8 +398,7 @@ def group_into_arms(runs: list) -> list:
         # "flags" repeats the config, with the seed and the output cadence: not part of the arm
         arm = {k: v for k, v in run.config.items() if k not in ("seed", "flags")}
         key = json.dumps(arm, sort_keys=True)
-        twin = seen.setdefault((key, run.config["seed"]), run)
-        if twin is not run:  # the same config and seed: one seed, not two
+        if (twin := seen.setdefault((key, run.config["seed"]), run)) is not run:
             print(f"note: {run.name} repeats {twin.name} (same config, seed "
                   f"{run.config['seed']}): counted once")
         else:
@@ -480,11 +477,9 @@ def compare_table(arms: list) -> str:
 
 def first_step_at_or_below(xs: list, ys: list, target: float):
     """The first x at which the curve reaches `target`, linear between points; None: never."""
-    if ys and ys[0] <= target:
-        return xs[0]
-    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
-        if y1 <= target:  # y0 > target, or the previous point would have answered
-            return x0 + (y0 - target) / (y0 - y1) * (x1 - x0)
+    for x0, y0, x1, y1 in zip(xs[:1] + xs, ys[:1] + ys, xs, ys):  # (first, first), then pairs
+        if y1 <= target:  # at the first point, or else between x0 and x1 (y0 > target)
+            return x1 if y0 <= target else x0 + (y0 - target) / (y0 - y1) * (x1 - x0)
     return None
 
 
@@ -512,73 +507,68 @@ def speedup_lines(arms: list) -> list:
     return lines
 
 
-def band(ax, curve, colour, style="-", marker=None):
-    """A curve over seeds (xs, mean, min, max): the mean, and the min..max band if they differ."""
-    xs, mean, low, high = curve
-    if not xs:  # no such curve: the axes keep their limits
-        return
-    ax.plot(xs, mean, color=colour, linestyle=style, marker=marker)
+def band(ax, curves: list, colour, style="-", marker=None) -> dict:
+    """Curves {x: y}, one per seed: their mean, and the min..max band where the seeds differ.
+    Returns the mean {x: y}. No such curve: nothing drawn, the axes keep their limits."""
+    xs, mean, low, high = over_seeds(curves)
+    if xs:
+        ax.plot(xs, mean, color=colour, linestyle=style, marker=marker)
     if any(lo != hi for lo, hi in zip(low, high)):
         ax.fill_between(xs, low, high, color=colour, alpha=0.2, linewidth=0)
+    return dict(zip(xs, mean))
 
 
-PANELS = (  # (title, x label, y label) of panels (a)-(e) and (g); {ref}: the baseline arm
-    ("(a) training losses: mean over seeds, band = min..max;\nflow matching relative to the mean "
-     "of {ref}", "step", "flow-matching loss, Eq. 1: % above {ref} (solid)"),
-    ("(b) linear probe of every block, at the last probed step", "block",
+PANELS = (  # (curves, title, x label, y label) of panels (a)-(e) and (g); {ref}: the baseline arm
+    ("fm", "(a) training losses: mean over seeds, band = min..max;\nflow matching relative to the "
+     "mean of {ref}", "step", "flow-matching loss, Eq. 1: % above {ref} (solid)"),
+    ("accuracy", "(b) linear probe of every block, at the last probed step", "block",
      "probe top-1 accuracy (%), dotted: chance"),
-    ("(c) the student block's probe accuracy over training", "step",
+    ("student", "(c) the student block's probe accuracy over training", "step",
      "probe top-1 accuracy (%), dotted: chance"),
-    ("(g) FID over training (sample.py --fid RUN_DIR), lower is better", "step",
+    ("fid", "(g) FID over training (sample.py --fid RUN_DIR), lower is better", "step",
      "FID against the training data"),
-    ("(d) each block's mean per-token cosine to the teacher block:\nall blocks between student "
-     "and teacher near 1 = collapse", "block", "cosine to the teacher block"),
-    ("(e) each block's relative update ||h_k - h_(k-1)|| / ||h_(k-1)||:\nhow much the block "
-     "writes to the residual stream (h_0: input tokens)", "block",
+    ("teacher_cosine", "(d) each block's mean per-token cosine to the teacher block:\nall blocks "
+     "between student and teacher near 1 = collapse", "block", "cosine to the teacher block"),
+    ("relative_update", "(e) each block's relative update ||h_k - h_(k-1)|| / ||h_(k-1)||:\nhow "
+     "much the block writes to the residual stream (h_0: input tokens)", "block",
      "relative update, mean over tokens"))
 
 
 def compare_figure(arms: list, path: str):
     """Panels (a)-(e) and (g) as PANELS titles them, each the mean over an arm's seeds with a
     min..max band, and (f) each arm's last sample grid. Colour = arm, line style = which t."""
-    try:
+    try:  # a Figure of its own, not pyplot's: files only, no display needed
         import matplotlib
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+        from PIL import Image  # a dependency of matplotlib
     except ImportError:
         fail("--compare: the figure needs the optional extra matplotlib: pip install matplotlib "
              "(the same numbers are printed above)")
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from PIL import Image
-
     ts = sorted({name[1] for arm in arms for run in arm.runs for name in run.curves
                  if isinstance(name, tuple)}, reverse=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(arms)
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"] * len(arms)
     styles = ["-", "--", ":", "-."] * len(ts)
-    fig = plt.figure(figsize=(26, 11.5), layout="constrained")
+    fig = Figure(figsize=(26, 11.5), layout="constrained")
     grid = fig.add_gridspec(2, 4)
-    axes = [fig.add_subplot(grid[i // 4, i % 4]) for i in range(6)]
-    ax_loss, ax_block, ax_student, ax_fid, ax_cosine, ax_update = axes
-    ax_sync = ax_loss.twinx()
+    axes = {name: fig.add_subplot(grid[i // 4, i % 4]) for i, (name, *_) in enumerate(PANELS)}
+    ax_sync = axes["fm"].twinx()
     reference = baseline_arm(arms) or arms[0]
     base = dict(zip(*over_seeds(seeds(reference, "fm"))[:2]))  # {step: the reference's mean fm}
     for arm, colour in zip(arms, colours):
-        fm = [(x, *(100 * (y / base[x] - 1) for y in ys))  # x, mean, min, max: % above base
-              for x, *ys in zip(*over_seeds(seeds(arm, "fm"))) if x in base]
-        band(ax_loss, list(zip(*fm)) or [[]] * 4, colour)
-        band(ax_sync, over_seeds(seeds(arm, "layersync")), colour, "--")
-        band(ax_fid, over_seeds(seeds(arm, "fid")), colour, "-", "o")
+        band(axes["fm"], [{x: 100 * (y / base[x] - 1) for x, y in curve.items() if x in base}
+                          for curve in seeds(arm, "fm")], colour)  # % above the reference
+        band(ax_sync, seeds(arm, "layersync"), colour, "--")
+        band(axes["fid"], seeds(arm, "fid"), colour, "-", "o")
         for t, style in zip(ts, styles):
-            band(ax_student, over_seeds(seeds(arm, ("student", t))), colour, style, "o")
-            for ax, table in ((ax_block, "accuracy"), (ax_cosine, "teacher_cosine"),
-                              (ax_update, "relative_update")):
-                blocks, mean, _, _ = curve = over_seeds(seeds(arm, (table, t)))
-                band(ax, curve, colour, style, ".")
-                for k, marker in ((arm.student, "v"), (arm.teacher, "*")):  # the pair, marked
-                    if k in blocks:
-                        ax.plot([k], [mean[blocks.index(k)]], marker=marker, markersize=13,
-                                color=colour, markeredgecolor="black", linestyle="none")
-    for ax, (title, xlabel, ylabel) in zip(axes, PANELS):
+            band(axes["student"], seeds(arm, ("student", t)), colour, style, "o")
+            for table, _, _ in BLOCK_TABLES:
+                mean = band(axes[table], seeds(arm, (table, t)), colour, style, ".")
+                for k, marker in zip((arm.student, arm.teacher), "v*"):  # the pair, marked
+                    if k in mean:
+                        axes[table].plot(k, mean[k], marker, markersize=13, color=colour,
+                                         markeredgecolor="black")
+    for ax, (_, title, xlabel, ylabel) in zip(axes.values(), PANELS):
         ax.set(title=title.format(ref=reference.label), xlabel=xlabel,
                ylabel=ylabel.format(ref=reference.label))
         if xlabel == "block":
@@ -588,28 +578,26 @@ def compare_figure(arms: list, path: str):
                        linewidth=0.8, linestyle=":")
     ax_sync.set_ylabel("LayerSync term, Eq. 2: -cosine (dashed)")
     if not any(seeds(arm, "fid") for arm in arms):
-        ax_fid.text(0.5, 0.5, "no fid.csv in these runs:\npython sample.py --fid RUN_DIR",
-                    ha="center", transform=ax_fid.transAxes)
+        axes["fid"].text(0.5, 0.5, "no fid.csv in these runs:\npython sample.py --fid RUN_DIR",
+                         ha="center", transform=axes["fid"].transAxes)
     for arm, spec in zip(arms, grid[1, 2:].subgridspec(1, len(arms))):  # (f) the last grids
         ax = fig.add_subplot(spec)
         ax.axis("off")
         if arm.runs[0].grid:
             ax.imshow(Image.open(arm.runs[0].grid), interpolation="nearest")
             ax.set_title(f"(f) {arm.label}:\n{os.path.basename(arm.runs[0].grid)}", fontsize=9)
-    # one legend for every panel: arms by colour, what or which t by line style, the two blocks
-    line = lambda label, **style: Line2D([], [], label=label, **style)  # noqa: E731
-    fig.legend(handles=[line(f"{arm.label} ({len(arm.runs)} seed{'s' * (len(arm.runs) > 1)})",
-                             color=colour) for arm, colour in zip(arms, colours)]
-               + [line(f"probe at t={t:g}", color="black", linestyle=style)
-                  for t, style in zip(ts, styles)]
-               + [line(f"{role} block", marker=marker, color="grey", markeredgecolor="black",
-                       linestyle="none", markersize=10)
-                  for marker, role in (("v", "student"), ("*", "teacher"))]
-               + [line("(a) fm, left axis", color="black"),
-                  line("(a) LayerSync, right axis", color="black", linestyle="--")],
+    # one legend for every panel, (colour, line style, marker, label): arms, t, the pair, (a)
+    entries = [(colour, "-", None, f"{arm.label} ({len(arm.runs)} seed{'s' * (len(arm.runs) > 1)})")
+               for arm, colour in zip(arms, colours)]
+    entries += [("black", style, None, f"probe at t={t:g}") for t, style in zip(ts, styles)]
+    entries += [("grey", "none", "v", "student block"), ("grey", "none", "*", "teacher block"),
+                ("black", "-", None, "(a) fm, left axis"),
+                ("black", "--", None, "(a) LayerSync, right axis")]
+    fig.legend(handles=[Line2D([], [], color=colour, linestyle=style, marker=marker, label=label,
+                               markersize=10, markeredgecolor="black")
+                        for colour, style, marker, label in entries],
                loc="outside upper center", ncols=8, fontsize=11)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     print(f"figure: {path}")
 
 
