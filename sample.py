@@ -92,12 +92,10 @@ def parse_args(argv=None):
                                    ("--probe-csv", args.probe_csv, (".csv",)),
                                    ("--figure", args.compare and args.figure, (".png",))):
         folder = path and os.path.dirname(os.path.abspath(path))
-        if path and not path.lower().endswith(extensions):
-            fail(f"{flag} {path}: the file name must end with {' or '.join(extensions)}")
+        if path and (os.path.isdir(path) or not path.lower().endswith(extensions)):
+            fail(f"{flag} {path}: a file, whose name must end with {' or '.join(extensions)}")
         if path and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
             fail(f"{flag} {path}: the folder {folder} does not exist or is read-only")
-        if path and os.path.isdir(path):
-            fail(f"{flag} {path} is a folder: give a file name")
     return args
 
 
@@ -117,9 +115,8 @@ def run_checkpoint(path: str) -> dict:
 
 
 def load_model(args, path=None) -> Loaded:
-    """The SiT of any of three kinds of file, told apart by their content: a train_cifar.py
-    checkpoint or EMA snapshot, a bare official state dict, or an official train.py checkpoint.
-    EMA weights unless --no-ema. bf16 autocast on CUDA only for a run that trained in bf16."""
+    """The SiT of a train_cifar.py checkpoint or EMA snapshot, a bare official state dict or an
+    official train.py checkpoint, told apart by their content; EMA weights unless --no-ema."""
     path, kind = path or args.ckpt, "raw weights" if args.no_ema else "EMA weights"
     checkpoint = read_torch_file(path)
     weights, is_dict = "model" if args.no_ema else "ema", isinstance(checkpoint, dict)
@@ -130,9 +127,9 @@ def load_model(args, path=None) -> Loaded:
         args.data_dir = args.data_dir or config["flags"]["data_dir"]
         model = SiT(**config["model"])
         model.load_state_dict(checkpoint[weights])
-        bf16 = args.device.type == "cuda" and config["precision"] == "bf16"
-        return Loaded(model.to(args.device).eval(), config, checkpoint["step"],
-                      "bf16" if bf16 else "fp32", f"step {checkpoint['step']} ({kind})")
+        precision = config["precision"] if args.device.type == "cuda" else "fp32"  # as it trained
+        return Loaded(model.to(args.device).eval(), config, checkpoint["step"], precision,
+                      f"step {checkpoint['step']} ({kind})")
     official = is_dict and OFFICIAL_KEYS <= checkpoint.keys()
     state = checkpoint[weights] if official else checkpoint
     if not (isinstance(state, dict) and "x_embedder.proj.weight" in state):
@@ -151,29 +148,56 @@ def load_model(args, path=None) -> Loaded:
         if None not in pair:
             print(f"note: {path}: {error}; the probe's cosines are to the default pair's teacher")
         pair = default_layersync_pair(depth)
-    size = round(model.pos_embed.shape[1] ** 0.5) * model.patch_size  # patches per side x patch
-    config = {"model": dict(input_size=size, in_channels=model.in_channels,
-                            num_classes=model.num_classes), "layersync_pairs": [list(pair)]}
+    side = round(model.pos_embed.shape[1] ** 0.5) * model.patch_size  # patches per side x patch
+    config = {"model": {"input_size": side}, "layersync_pairs": [list(pair)]}
     return Loaded(model.to(args.device).eval(), config, None, "fp32", f"official weights ({kind})")
 
 
-def load_vae(args):
-    """The diffusers AutoencoderKL between a latent model and pixels, or one line saying why not."""
+def check_flags(args, loaded: Loaded) -> torch.Tensor:
+    """The flags against this model, before any work (FID reference, VAE, sampling): one line for
+    the first that does not fit. Returns the labels to sample: i % classes, or --class-label."""
+    model, latent = loaded.model, loaded.model.in_channels == 4  # SD-VAE latents, as official
+    if args.class_label is not None and not 0 <= args.class_label < model.num_classes:
+        fail(f"--class-label {args.class_label}: the model has classes 0..{model.num_classes - 1}")
+    if (args.cfg_scale != 1 or args.probe) and not model.has_null_class:  # both feed it
+        fail(f"{'--probe' if args.probe else '--cfg-scale'}: this model was trained without label "
+             f"dropout (class_dropout_prob=0): it has no null class to guide with or to probe on")
+    if args.vae and not latent:
+        fail(f"--vae {args.vae}: this model works on pixels, not latents; drop --vae")
+    if args.probe and loaded.step is None and not args.probe_data:
+        fail("--probe of official weights needs --probe-data FOLDER, a sub-folder per class")
+    rows = model.num_classes if args.class_label is None else 1  # one row per class
+    n = args.n or (10_000 if args.fid else 8 * rows)  # FID of a few images means nothing
+    if args.grid and n % rows:
+        fail(f"--n {n} with --grid: the grid has one row per class, so give a multiple of the "
+             f"{rows} classes, e.g. --n {8 * rows}, or one --class-label")
+    return torch.arange(n) % rows + (args.class_label or 0)
+
+
+def load_vae(args) -> tuple:
+    """(encode, decode) between images in [-1, 1] and a latent model's latents, as the official
+    code: the diffusers AutoencoderKL's posterior mean x its scaling factor, and back."""
     try:
         from diffusers import AutoencoderKL
         from diffusers.utils import logging
     except ImportError:
-        fail("this model works on SD-VAE latents (4 channels): decoding its samples and encoding "
-             "probe images needs the optional extra diffusers: pip install diffusers")
-    name = args.vae or "stabilityai/sd-vae-ft-ema"
-    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        fail("a latent model needs the optional extra diffusers for its VAE: pip install diffusers")
+    name = os.path.expanduser(args.vae or "stabilityai/sd-vae-ft-ema")
+    if name.startswith((".", "/", "~")) and not os.path.isdir(name):
         fail(f"--vae {name}: no such folder")
     logging.set_verbosity_error()
     try:
-        return AutoencoderKL.from_pretrained(os.path.expanduser(name)).to(args.device).eval()
+        vae = AutoencoderKL.from_pretrained(name).to(args.device).eval()
     except Exception as error:  # offline, a wrong name, a folder without its config.json
         fail(f"--vae {name}: cannot load it ({first_line(error)}). Download it once with internet "
              f"(huggingface caches it), or pass --vae LOCAL_FOLDER")
+    scale = vae.config.scaling_factor  # 0.18215 for SD-VAE
+
+    @torch.no_grad()
+    def encode(images):  # the probe's images, 64 at a time on the device
+        return torch.cat([vae.encode(x.to(args.device)).latent_dist.mean.cpu() * scale
+                          for x in images.split(64)])
+    return encode, lambda latents: vae.decode(latents.float() / scale).sample
 
 
 def first_line(error: Exception) -> str:
@@ -181,33 +205,16 @@ def first_line(error: Exception) -> str:
 
 
 @torch.no_grad()
-def encode(vae, images: torch.Tensor, device, batch_size: int = 64) -> torch.Tensor:
-    """Images in [-1, 1] -> the latents the model trained on: posterior mean x scaling factor."""
-    return torch.cat([vae.encode(x.to(device)).latent_dist.mean.cpu() * vae.config.scaling_factor
-                      for x in images.split(batch_size)])  # scaling factor: 0.18215 for SD-VAE
-
-
-@torch.no_grad()
-def generate(args, loaded: Loaded, labels, vae=None) -> torch.Tensor:
-    """uint8 images (N, H, W, 3), decoded by `vae` for a latent model; the noise comes from a CPU
+def generate(args, loaded: Loaded, labels, decode=None) -> torch.Tensor:
+    """uint8 images (N, H, W, 3), latents decoded by `decode`; the noise comes from a CPU
     generator, so --seed gives the same images whatever the device and batch size."""
     model, size = loaded.model, loaded.config["model"]["input_size"]
     generator = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(len(labels), model.in_channels, size, size, generator=generator)
-    # latents -> images in [-1, 1], as the official sample.py decodes them
-    decode = (lambda z: vae.decode(z.float() / vae.config.scaling_factor).sample) if vae else None
     batches = list(zip(noise.split(args.batch_size), labels.split(args.batch_size)))
     return torch.cat([sample_pixels(model, x.to(args.device), y.to(args.device), args.steps,
                                     loaded.precision, args.method, args.cfg_scale, decode)
                       .permute(0, 2, 3, 1).cpu() for x, y in tqdm(batches, desc="sampling")])
-
-
-def check_sampling(args, model):
-    if args.class_label is not None and not 0 <= args.class_label < model.num_classes:
-        fail(f"--class-label {args.class_label}: the model has classes 0..{model.num_classes - 1}")
-    if args.cfg_scale != 1 and not model.has_null_class:
-        fail(f"--cfg-scale {args.cfg_scale}: this model was trained without label dropout, so it "
-             f"has no null class to guide with; use --cfg-scale 1")
 
 
 # ------------------------------------------------------------------ FID, of one file or a whole run
@@ -225,7 +232,6 @@ def prepare_fid(args, config: dict) -> dict:
     reference) and the Inception weights. Returns torch-fidelity's options for compute_fid."""
     try:
         import torch_fidelity
-        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     except ImportError:
         fail("--fid needs the optional extra torch-fidelity: pip install torch-fidelity")
     if "data" not in config:  # the official weights: ImageNet latents
@@ -243,22 +249,21 @@ def prepare_fid(args, config: dict) -> dict:
     if os.path.isabs(data) and not os.path.isdir(data):  # a folder (built-ins are names)
         fail(f"--fid: the run trained on {data}, which is gone; FID needs those images")
     reference, _, _ = load_data(data, args.data_dir, size)  # (N, 3, H, W) uint8
-    # the cache key: the images themselves and the Inception weights, so that edited images or
-    # other weights never reuse statistics computed before
+    # torch-fidelity caches the reference's statistics under a key: a hash of the images and the
+    # Inception weights, so that edited images or other weights are measured again
     key = hashlib.sha1(reference.contiguous().numpy())
     if args.fid_weights:
         with open(args.fid_weights, "rb") as f:
             key.update(f.read())
-    layer = FEATURE_EXTRACTORS_REGISTRY[FID_EXTRACTOR].get_default_feature_layer_for_metric("fid")
     options = dict(feature_extractor=FID_EXTRACTOR, feature_extractor_weights_path=args.fid_weights,
                    cuda=args.device.type == "cuda", verbose=False,
                    save_cpu_ram=True)  # for FID: no loader workers, the images are in memory
     try:  # torch-fidelity downloads these weights on first use
+        layer = torch_fidelity.utils.resolve_feature_layer_for_metric("fid", **options)
         torch_fidelity.utils.create_feature_extractor(FID_EXTRACTOR, [layer], **options)
     except Exception as error:
         fail(f"--fid: torch-fidelity could not load its Inception weights ({first_line(error)}); "
              f"without internet, pass --fid-weights PATH")
-    # the reference's statistics are cached by torch-fidelity: computed once per key
     return dict(options, input2=UInt8Images(reference.unbind()),
                 input2_cache_name=f"layersync-{size}px-{len(reference)}-{key.hexdigest()[:16]}")
 
@@ -282,9 +287,8 @@ def read_csv(path: str) -> list:
 
 
 def fid_of_run(args):
-    """Every snapshot of a run not yet scored with these settings, oldest first, one fid.csv row
-    each. Every snapshot of every run sees the same noise and labels (--seed), so arms differ only
-    by their weights. A row is written as soon as it is scored: an interruption loses none."""
+    """Each snapshot not yet in fid.csv with these settings, oldest first, a row written as soon as
+    it is scored; all see the same noise and labels (--seed): arms differ only by their weights."""
     folder, path = args.fid_run, os.path.join(args.fid_run, "fid.csv")
     snapshots = {int(m[1]): os.path.join(folder, m[0]) for m in
                  (re.fullmatch(r"ema_(\d+)\.pt", name) for name in os.listdir(folder)) if m}
@@ -292,8 +296,7 @@ def fid_of_run(args):
         snapshots.setdefault(run_checkpoint(folder)["step"], os.path.join(folder, "last.pt"))
     if not snapshots:
         fail(f"--fid {folder}: no checkpoint in it (ema_<step>.pt or last.pt of train_cifar.py)")
-    settings = {"n": args.n or 10_000, "method": args.method, "steps": args.steps,
-                "cfg_scale": args.cfg_scale, "seed": args.seed}
+    settings = {"n": args.n or 10_000} | {k: getattr(args, k) for k in FID_FIELDS[3:]}
     done = {row["step"] for row in read_csv(path)
             if all(row[k] == str(v) for k, v in settings.items())}
     todo = [step for step in sorted(snapshots) if str(step) not in done]
@@ -302,45 +305,37 @@ def fid_of_run(args):
     for step in todo:
         loaded = load_model(args, snapshots[step])
         if step == todo[0]:  # before any sampling
-            check_sampling(args, loaded.model)
-            options = prepare_fid(args, loaded.config)
-            labels = torch.arange(settings["n"]) % loaded.model.num_classes
+            labels, options = check_flags(args, loaded), prepare_fid(args, loaded.config)
         fid = compute_fid(generate(args, loaded, labels), options)
         with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, FID_FIELDS)
             if f.tell() == 0:  # a new file
                 writer.writeheader()
             writer.writerow({"step": step, "fid": f"{fid:.6g}", **settings})
-        print(f"step {step}: FID {fid:.2f} ({settings['n']} samples, {args.method} {args.steps} "
-              f"steps) -> {path}")
+        print(f"step {step}: FID {fid:.2f} -> {path}")
 
 
 # ------------------------------------------------------------------ the probe of one checkpoint
-def probe_checkpoint(args, loaded: Loaded, vae=None):
-    """Every block's probe accuracy, on the run's own data or on --probe-data (encoded by `vae`
-    for a latent model), as a table and a CSV: the same probe as in training (run_probe)."""
+def probe_checkpoint(args, loaded: Loaded, encode=None):
+    """Every block's probe accuracy, on the run's own data or on --probe-data (encoded for a
+    latent model), as a table and a CSV: the same probe as in training (run_probe)."""
     model, config, step = loaded.model, loaded.config, loaded.step
-    if not model.has_null_class:
-        fail("--probe: the probe feeds the null class label, and this model has none (trained with "
-             "class_dropout_prob=0)")
     source = args.probe_data or config["data"]  # a latent model sees 8x smaller latents (SD-VAE)
     data_dir = args.data_dir or "./data"  # official weights: --probe-data may be cifar10
-    size = config["model"]["input_size"] * (8 if vae else 1)
+    size = config["model"]["input_size"] * (8 if encode else 1)
     images, labels, _ = load_data(source, data_dir, size)
-    data = probe_split(source, data_dir, images, labels,
-                       (lambda x: encode(vae, x, args.device)) if vae else None)
+    data = probe_split(source, data_dir, images, labels, encode)
     ckpt = os.path.abspath(args.ckpt)  # a file or a run folder: the CSV goes beside or inside
     name = f"{step:07d}" if step is not None else os.path.splitext(os.path.basename(ckpt))[0]
     path = args.probe_csv or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt),
                                           f"probe_{name}.csv")
-    pairs = config.get("layersync_pairs") or []
-    teacher = pairs[0][1] if pairs else None
+    pairs = config["layersync_pairs"]
     probe = run_probe(model, data, args.probe_t, pairs, loaded.precision, path, step or 0)
     role = {k: "student" for k, _ in pairs} | {k_teacher: "teacher" for _, k_teacher in pairs}
     cosines = probe.teacher_cosine.get(args.probe_t[0], {})  # to the teacher, at the first t
+    teacher = f"; cosine to block {pairs[0][1]}, t={args.probe_t[0]:g}" if cosines else ""
     print(f"probe of {args.ckpt} at {loaded.name}, {data.description}; chance "
-          f"{100 / model.num_classes:.1f}%" + (f"; cosine to block {teacher}, t={args.probe_t[0]:g}"
-                                               if cosines else ""))
+          f"{100 / model.num_classes:.1f}%{teacher}")
     for k in range(1, len(model.blocks) + 1):
         accuracies = "".join(f" {100 * probe.accuracy[t][k]:5.1f}% (t={t:g})" for t in args.probe_t)
         cosine = f"  {cosines[k]:.3f}" if cosines else ""
@@ -611,38 +606,23 @@ def main(argv=None):
     if args.fid_run:
         return fid_of_run(args)
     loaded = load_model(args)
-    model, config = loaded.model, loaded.config
-    latent = model.in_channels == 4  # SD-VAE latents, as the official models use
-    if args.vae and not latent:
-        fail(f"--vae {args.vae}: this model works on pixels, not latents; drop --vae")
-    if args.probe and loaded.step is None and not args.probe_data:
-        fail("--probe of official weights needs --probe-data FOLDER (one sub-folder of images per "
-             "class, e.g. an ImageNet or Tiny-ImageNet subset)")
-    check_sampling(args, model)
-    classes = model.num_classes
-    rows = classes if args.class_label is None else 1  # one row per class
-    n = args.n or (10_000 if args.fid else 8 * rows)  # FID of a few images means nothing
-    if args.grid and n % rows:
-        fail(f"--n {n} with --grid: the grid has one row per class, so give a multiple of the "
-             f"{classes} classes, e.g. --n {8 * classes}, or one --class-label")
-    fid_options = prepare_fid(args, config) if args.fid else None
-    vae = load_vae(args) if latent else None
+    labels = check_flags(args, loaded)
+    fid_options = prepare_fid(args, loaded.config) if args.fid else None
+    encode, decode = load_vae(args) if loaded.model.in_channels == 4 else (None, None)
     if args.probe:
-        probe_checkpoint(args, loaded, vae)
+        probe_checkpoint(args, loaded, encode)
         if not (args.grid or args.npz or args.fid):
             return
-    labels = torch.arange(n) % rows + (args.class_label or 0)  # i % classes, or the one label
-    images = generate(args, loaded, labels, vae)
-    print(f"{len(images)} images from {loaded.name}, {args.method} {args.steps} steps, "
-          f"cfg {args.cfg_scale}")
+    images = generate(args, loaded, labels, decode)
     if args.grid:  # one row per class: labels sorted, each class's images in drawing order
-        save_grid(images[labels.argsort(stable=True)].permute(0, 3, 1, 2), args.grid, n // rows)
-        print(f"grid: {args.grid}")
+        columns = len(labels) // len(labels.unique())
+        save_grid(images[labels.argsort(stable=True)].permute(0, 3, 1, 2), args.grid, columns)
     if args.npz:
         np.savez(args.npz, arr_0=images.numpy(), arr_1=labels.numpy())
-        print(f"npz: {args.npz}")
+    print(f"{len(images)} images from {loaded.name}, {args.method} {args.steps} steps, cfg "
+          f"{args.cfg_scale}" + "".join(f" -> {path}" for path in (args.grid, args.npz) if path))
     if args.fid:
-        print(f"FID against {config['data']} ({len(images)} samples): "
+        print(f"FID against {loaded.config['data']} ({len(images)} samples): "
               f"{compute_fid(images, fid_options):.2f}")
 
 
