@@ -87,6 +87,14 @@ def parse_args(argv=None):
             fail(f"--{name.replace('_', '-')} {value}: must be >= 1")
     if not math.isfinite(args.cfg_scale):
         fail(f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = no guidance)")
+    if args.fid_weights:  # torch-fidelity loads it with weights_only=False: read it safely first
+        try:  # weights_only: a file that needs code to load is refused before any of it runs
+            weights = torch.load(args.fid_weights, map_location="cpu", weights_only=True)
+            plain = len(weights) > 0 and all(isinstance(v, torch.Tensor) for v in weights.values())
+        except Exception:  # no such file, no torch file, code to run, or not a dict
+            plain = False
+        if not plain:
+            fail(f"--fid-weights {args.fid_weights}: not a state dict that loads without code")
     for flag, path, extensions in (("--grid", args.grid, (".png", ".jpg", ".jpeg")),
                                    ("--npz", args.npz, (".npz",)),  # numpy would add .npz
                                    ("--probe-csv", args.probe_csv, (".csv",)),
@@ -237,14 +245,6 @@ def prepare_fid(args, config: dict) -> dict:
     if "data" not in config:  # the official weights: ImageNet latents
         fail("--fid compares with a train_cifar.py run's own data; for ImageNet models write --npz "
              "and score it with the ADM evaluation suite (openai/guided-diffusion), like the paper")
-    if args.fid_weights:  # torch-fidelity loads it with weights_only=False: read it safely first
-        try:  # weights_only: a file that needs code to load is refused before any of it runs
-            weights = torch.load(args.fid_weights, map_location="cpu", weights_only=True)
-            plain = len(weights) > 0 and all(isinstance(v, torch.Tensor) for v in weights.values())
-        except Exception:  # no such file, no torch file, code to run, or not a dict
-            plain = False
-        if not plain:
-            fail(f"--fid-weights {args.fid_weights}: not a state dict that loads without code")
     data, size = config["data"], config["model"]["input_size"]
     if os.path.isabs(data) and not os.path.isdir(data):  # a folder (built-ins are names)
         fail(f"--fid: the run trained on {data}, which is gone; FID needs those images")
