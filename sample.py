@@ -103,7 +103,7 @@ def parse_args(argv=None):
         if path and (os.path.isdir(path) or not path.lower().endswith(extensions)):
             fail(f"{flag} {path}: a file, whose name must end with {' or '.join(extensions)}")
         if path and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
-            fail(f"{flag} {path}: the folder {folder} does not exist or is read-only")
+            fail(f"{flag} {path}: the folder {folder} does not exist or is read-only; create it")
     return args
 
 
@@ -132,7 +132,7 @@ def load_model(args, path=None) -> Loaded:
         if weights not in checkpoint:
             fail(f"--no-ema: {path} is an EMA snapshot; the raw weights are in the run's last.pt")
         config = checkpoint["config"]  # and --data-dir: by default where the run found CIFAR-10
-        args.data_dir = args.data_dir or config["flags"]["data_dir"]
+        args.data_dir = args.data_dir or config.get("flags", {}).get("data_dir")
         model = SiT(**config["model"])
         model.load_state_dict(checkpoint[weights])
         precision = config["precision"] if args.device.type == "cuda" else "fp32"  # as it trained
@@ -168,8 +168,9 @@ def check_flags(args, loaded: Loaded) -> torch.Tensor:
     if args.class_label is not None and not 0 <= args.class_label < model.num_classes:
         fail(f"--class-label {args.class_label}: the model has classes 0..{model.num_classes - 1}")
     if (args.cfg_scale != 1 or args.probe) and not model.has_null_class:  # both feed it
-        fail(f"{'--probe' if args.probe else '--cfg-scale'}: this model was trained without label "
-             f"dropout (class_dropout_prob=0): it has no null class to guide with or to probe on")
+        flag = "--probe" if args.probe else f"--cfg-scale {args.cfg_scale}"
+        fail(f"{flag}: this model has no null class (trained with class_dropout_prob=0) to guide "
+             f"with or probe on; drop --probe, use --cfg-scale 1")
     if args.vae and not latent:
         fail(f"--vae {args.vae}: this model works on pixels, not latents; drop --vae")
     if args.probe and loaded.step is None and not args.probe_data:
@@ -472,9 +473,11 @@ def compare_table(arms: list) -> str:
 
 def first_step_at_or_below(xs: list, ys: list, target: float):
     """The first x at which the curve reaches `target`, linear between points; None: never."""
-    for x0, y0, x1, y1 in zip(xs[:1] + xs, ys[:1] + ys, xs, ys):  # (first, first), then pairs
-        if y1 <= target:  # at the first point, or else between x0 and x1 (y0 > target)
-            return x1 if y0 <= target else x0 + (y0 - target) / (y0 - y1) * (x1 - x0)
+    if ys and ys[0] <= target:
+        return xs[0]
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+        if y1 <= target:  # y0 > target, or the previous point would have answered
+            return x0 + (y0 - target) / (y0 - y1) * (x1 - x0)
     return None
 
 
@@ -620,7 +623,7 @@ def main(argv=None):
     if args.npz:
         np.savez(args.npz, arr_0=images.numpy(), arr_1=labels.numpy())
     print(f"{len(images)} images from {loaded.name}, {args.method} {args.steps} steps, cfg "
-          f"{args.cfg_scale}" + "".join(f" -> {path}" for path in (args.grid, args.npz) if path))
+          f"{args.cfg_scale}" + "".join(f"; wrote {out}" for out in (args.grid, args.npz) if out))
     if args.fid:
         print(f"FID against {loaded.config['data']} ({len(images)} samples): "
               f"{compute_fid(images, fid_options):.2f}")

@@ -428,7 +428,7 @@ def prepare_on_every_rank(args):
     rank stops them all, with its message. --out is made only then."""
     # a download can outlast NCCL's 10-minute timeout: the others wait on the CPU, for up to 2 hours
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if ddp else None
-    run = error = None  # an error stops every rank at once: it is None at each turn's start
+    run = error = None  # stays None: stop_together raises on any rank's error
     for my_turn in (master_process, not master_process) if args.data == "cifar10" else (True,):
         if my_turn:
             try:
@@ -537,13 +537,13 @@ def read_torch_file(path: str):
 
 def load_checkpoint(path: str) -> dict:
     """A train_cifar.py checkpoint, or a one-line error saying why it is not one."""
-    expected = {"model", "ema", "optimizer", "step", "config", "rng", "elapsed_s"}  # as save()
     checkpoint = read_torch_file(path)
-    if not (isinstance(checkpoint, dict) and expected <= checkpoint.keys()
-            and isinstance(checkpoint["config"], dict) and "flags" in checkpoint["config"]):
-        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint)
-        fail(f"{path} is not a checkpoint of this train_cifar.py (expected the keys "
-             f"{sorted(expected)} and the run's flags, found {found})")
+    saved = checkpoint.keys() if isinstance(checkpoint, dict) else set()
+    missing = sorted({"model", "ema", "optimizer", "step", "config", "rng", "elapsed_s"} - saved)
+    if missing or not (isinstance(checkpoint["config"], dict) and "flags" in checkpoint["config"]):
+        fail(f"{path} is not a checkpoint of this train_cifar.py: it holds {sorted(saved)[:8]} and "
+             f"lacks {', '.join(missing) or 'the flags in its config'} (an earlier version or "
+             f"another program wrote it); start a new run in another --out")
     return checkpoint
 
 
@@ -730,7 +730,7 @@ def sample_pixels(model, noise, labels, steps: int, precision: str, method: str 
     decode: the model's output -> images in [-1, 1] (a latent model's VAE)."""
     with autocast(noise.device, precision):
         x = sample(guided_velocity(model, labels, cfg_scale), noise, steps, method)
-        x = decode(x) if decode else x
+    x = decode(x) if decode else x  # outside autocast: the VAE in fp32, as the official code
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> 0..255
 
 
@@ -823,8 +823,8 @@ class StopSignals:
 
     def agreed(self, step: int, last_step: int) -> int:
         """The signal to stop for (0: none): the largest rank's, every STOP_CHECK_EVERY steps."""
-        if not ddp or (step % STOP_CHECK_EVERY and step != last_step):  # alone, or not yet due
-            return 0 if ddp else self.received
+        if not ddp or (step % STOP_CHECK_EVERY and step != last_step):  # one process, or not due:
+            return 0 if ddp else self.received  # its own signal, or none yet
         flag = torch.tensor([self.received])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return int(flag)
