@@ -345,11 +345,9 @@ def probe_checkpoint(args, loaded: Loaded, encode=None):
 
 
 # ------------------------------------------------------------------ comparing runs, over seeds
-#
 # Runs whose checkpoint configs differ only in the seed form one arm; every number is shown as the
 # mean over the arm's seeds with its spread (min..max), because two seeds of one configuration can
 # differ as much as LayerSync and the baseline do at small scale.
-
 # curves: {name: {x: y}}: "fm", "layersync" and "fid" over the steps; for each noise level t, the
 # last probed step's ("accuracy", t) in %, ("teacher_cosine", t) and ("relative_update", t) over the
 # blocks, and ("student", t), the student block's probe accuracy over the steps
