@@ -582,19 +582,22 @@ def compare_figure(arms: list, path: str):
         if arm.runs[0].grid:
             ax.imshow(Image.open(arm.runs[0].grid), interpolation="nearest")
             ax.set_title(f"(f) {arm.label}:\n{os.path.basename(arm.runs[0].grid)}", fontsize=9)
-    # one legend for every panel, (colour, line style, marker, label): arms, t, the pair, (a)
-    entries = [(colour, "-", None, f"{arm.label} ({len(arm.runs)} seed{'s' * (len(arm.runs) > 1)})")
-               for arm, colour in zip(arms, colours)]
-    entries += [("black", style, None, f"probe at t={t:g}") for t, style in zip(ts, styles)]
-    entries += [("grey", "none", "v", "student block"), ("grey", "none", "*", "teacher block"),
-                ("black", "-", None, "(a) fm, left axis"),
-                ("black", "--", None, "(a) LayerSync, right axis")]
     fig.legend(handles=[Line2D([], [], color=colour, linestyle=style, marker=marker, label=label,
                                markersize=10, markeredgecolor="black")
-                        for colour, style, marker, label in entries],
-               loc="outside upper center", ncols=8, fontsize=11)
+                        for colour, style, marker, label in legend(arms, colours, ts, styles)],
+               loc="outside upper center", ncols=8, fontsize=11)  # one legend for every panel
     fig.savefig(path, dpi=110)
     print(f"figure: {path}")
+
+
+def legend(arms: list, colours: list, ts: list, styles: list) -> list:
+    """The figure's keys, (colour, line style, marker, label): arms, noise levels, the pair, (a)."""
+    return ([(colour, "-", None, f"{arm.label} ({len(arm.runs)} seed{'s' * (len(arm.runs) > 1)})")
+             for arm, colour in zip(arms, colours)]
+            + [("black", style, None, f"probe at t={t:g}") for t, style in zip(ts, styles)]
+            + [("grey", "none", "v", "student block"), ("grey", "none", "*", "teacher block"),
+               ("black", "-", None, "(a) fm, left axis"),
+               ("black", "--", None, "(a) LayerSync, right axis")])
 
 
 # ------------------------------------------------------------------ main
