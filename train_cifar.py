@@ -333,6 +333,7 @@ def train(args):
     log = Interval(step, args, run.checkpoint["elapsed_s"] if run.checkpoint else 0)
     bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, disable=not master_process)
     due = lambda every: every and (step % every == 0 or step == args.steps)  # noqa: E731
+    outputs = (args.ckpt_every, args.keep_every, args.sample_every, args.probe_every)
     stop_signal = 0
     try:
         while step < args.steps and not stop_signal:
@@ -347,7 +348,6 @@ def train(args):
                 bar.set_postfix_str(log.write(metrics, step, args))
             pause = time.perf_counter()
             stop_signal = signals.agreed(step, args.steps)  # every rank stops at the same step
-            outputs = (args.ckpt_every, args.keep_every, args.sample_every, args.probe_every)
             if stop_signal or any(map(due, outputs)):
                 non_finite.check()  # nothing is saved, drawn or probed from non-finite weights
             if due(args.ckpt_every) or stop_signal:  # first: nothing after it can lose the run
