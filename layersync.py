@@ -38,6 +38,10 @@ def layersync_loss(weak: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
     weak, strong: (..., D) features of the same tokens from blocks k < k' of one forward
     pass (e.g. (B, N, D) residual streams). Returns a scalar in [-1, 1]; -1 means aligned.
 
+    What the term trains: blocks 1..k and what feeds them (in a SiT the patch, time and label
+    embeddings). Block k' and every block after k get no gradient from it; they learn from the
+    main loss alone.
+
     To use it in another transformer, keep the outputs of two blocks (per token, no pooling,
     no head; record_blocks below takes them without editing the forward) and add the term:
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from layersync import SiT, check_layersync_pairs, default_layersync_pair, sit_from_official
 # the trainer's own formats (files, data, the probe, samples as pixels) and two of its flag checks
 from train_cifar import (device_arg, load_data, probe_levels, probe_split, read_torch_file,
-                         run_probe, sample_pixels, save_grid)
+                         run_ids_in, run_probe, sample_pixels, save_grid)
 
 
 def fail(message: str):  # one line, no traceback, as in train_cifar.py
@@ -87,11 +87,13 @@ def parse_args(argv=None):
             fail(f"--{name.replace('_', '-')} {value}: must be >= 1")
     if not math.isfinite(args.cfg_scale):
         fail(f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = no guidance)")
+    if args.fid_weights and not os.path.isfile(args.fid_weights):
+        fail(f"--fid-weights {args.fid_weights}: no such file")
     if args.fid_weights:  # torch-fidelity loads it with weights_only=False: read it safely first
         try:  # weights_only: a file that needs code to load is refused before any of it runs
             weights = torch.load(args.fid_weights, map_location="cpu", weights_only=True)
             plain = len(weights) > 0 and all(isinstance(v, torch.Tensor) for v in weights.values())
-        except Exception:  # no such file, no torch file, code to run, or not a dict
+        except Exception:  # no torch file, code to run, or not a dict
             plain = False
         if not plain:
             fail(f"--fid-weights {args.fid_weights}: not a state dict that loads without code")
@@ -120,6 +122,16 @@ def run_checkpoint(path: str) -> dict:
     if not (isinstance(checkpoint, dict) and RUN_KEYS <= checkpoint.keys()):
         fail(f"{path} is not a train_cifar.py checkpoint or snapshot (ema, step, config)")
     return checkpoint
+
+
+def check_one_run(folder: str, flag: str):
+    """A folder whose files name more than one run (a last.pt or snapshots copied in from another)
+    is refused: its curves and FIDs would join two runs."""
+    ids = run_ids_in(folder)
+    if len(set(ids.values())) > 1:
+        runs = ", ".join(f"{name}: {run_id}" for name, run_id in ids.items())
+        fail(f"{flag} {folder}: its files come from different runs ({runs}); one folder must hold "
+             f"one run")
 
 
 def load_model(args, path=None) -> Loaded:
@@ -291,6 +303,7 @@ def fid_of_run(args):
     """Each snapshot not yet in fid.csv with these settings, oldest first, a row written as soon as
     it is scored; all see the same noise and labels (--seed): arms differ only by their weights."""
     folder, path = args.fid_run, os.path.join(args.fid_run, "fid.csv")
+    check_one_run(folder, "--fid")
     snapshots = {int(m[1]): os.path.join(folder, m[0]) for m in
                  (re.fullmatch(r"ema_(\d+)\.pt", name) for name in os.listdir(folder)) if m}
     if os.path.isfile(os.path.join(folder, "last.pt")):  # its step, unless a snapshot has it
@@ -351,7 +364,7 @@ def probe_checkpoint(args, loaded: Loaded, encode=None):
 # curves: {name: {x: y}}: "fm", "layersync" and "fid" over the steps; for each noise level t, the
 # last probed step's ("accuracy", t) in %, ("teacher_cosine", t) and ("relative_update", t) over the
 # blocks, and ("student", t), the student block's probe accuracy over the steps
-Run = namedtuple("Run", "name config curves grid")
+Run = namedtuple("Run", "name config curves grid probed")  # probed: {step: the block curves}
 Arm = namedtuple("Arm", "label runs student teacher")
 BLOCK_TABLES = (("accuracy", "probe accuracy (%)", 1),
                 ("teacher_cosine", "cosine to the teacher block", 3),
@@ -363,49 +376,74 @@ def read_run(folder: str) -> Run:
     metrics, ckpt = os.path.join(folder, "metrics.csv"), os.path.join(folder, "last.pt")
     if not (os.path.isfile(metrics) and os.path.isfile(ckpt)):
         fail(f"--compare {folder}: not a train_cifar.py run folder (it needs metrics.csv, last.pt)")
+    check_one_run(folder, "--compare")
     config, rows = run_checkpoint(ckpt)["config"], read_csv(metrics)
     curves = {name: {int(row["step"]): float(row[name]) for row in rows}
               for name in ("fm", "layersync")}
     fid = read_csv(os.path.join(folder, "fid.csv"))  # the rows with the settings of its last row
     curves["fid"] = {int(row["step"]): float(row["fid"]) for row in fid
                      if all(row[k] == fid[-1][k] for k in FID_FIELDS[1:] if k != "fid")}
-    probes = read_csv(os.path.join(folder, "probe.csv"))
-    last = max((int(row["step"]) for row in probes), default=0)
-    student = (config["layersync_pairs"] or [[None]])[0][0]
-    for row in probes:
+    probed, student = {}, (config["layersync_pairs"] or [[None]])[0][0]
+    for row in read_csv(os.path.join(folder, "probe.csv")):
         t, step, block = float(row["t"]), int(row["step"]), int(row["block"])
         for table, _, _ in BLOCK_TABLES:
-            if step == last and row[table]:  # teacher_cosine is empty without a teacher
+            if row[table]:  # teacher_cosine is empty without a teacher
                 value = float(row[table]) * (100 if table == "accuracy" else 1)
-                curves.setdefault((table, t), {})[block] = value
+                probed.setdefault(step, {}).setdefault((table, t), {})[block] = value
         if block == student:
             curves.setdefault(("student", t), {})[step] = 100 * float(row["accuracy"])
     return Run(os.path.basename(os.path.normpath(folder)), config, curves,  # and the last grid
-               max(glob.glob(os.path.join(folder, "samples_*.png")), default=None))
+               max(glob.glob(os.path.join(folder, "samples_*.png")), default=None), probed)
+
+
+def identity(config: dict) -> dict:
+    """What makes an arm: the config without the seed, the run id and the flags (which add the
+    length and output cadences), and what its resumes changed in that config, and at which step."""
+    arm = {k: v for k, v in config.items() if k not in ("seed", "run_id", "flags", "history")}
+    changes = [f"{k} {old} -> {new} at step {entry['step']}" for entry in config.get("history", [])
+               for k, (old, new) in entry["changes"].items() if k in arm]  # not --steps, cadences
+    if changes:
+        arm["resumed with"] = ", ".join(changes)
+    return arm
+
+
+def run_length(run: Run) -> int:
+    return max(run.curves["fm"], default=0)
 
 
 def group_into_arms(runs: list) -> list:
-    """Runs grouped by their config without the seed, in the order given, each arm labelled by
-    its LayerSync weight (and, where two arms share it, by the settings that tell them apart)."""
-    groups, seen = {}, {}
+    """Runs grouped by their identity (config and history) without the seed, in the order given,
+    each arm labelled by its LayerSync weight (and, where two arms share it, by what tells them
+    apart). Two runs of one arm and seed count once: the longer is kept."""
+    groups = {}  # {key: (identity, {seed: run})}
     for run in runs:
-        # "flags" repeats the config, with the seed and the output cadence: not part of the arm
-        arm = {k: v for k, v in run.config.items() if k not in ("seed", "flags")}
-        key = json.dumps(arm, sort_keys=True)
-        if (twin := seen.setdefault((key, run.config["seed"]), run)) is not run:
-            print(f"note: {run.name} repeats {twin.name} (same config, seed "
-                  f"{run.config['seed']}): counted once")
-        else:
-            groups.setdefault(key, (arm, []))[1].append(run)
+        arm = identity(run.config)
+        by_seed = groups.setdefault(json.dumps(arm, sort_keys=True), (arm, {}))[1]
+        if (twin := by_seed.setdefault(run.config["seed"], run)) is not run:
+            kept, set_aside = sorted((twin, run), key=run_length, reverse=True)  # a tie: the first
+            by_seed[run.config["seed"]] = kept
+            print(f"note: {twin.name} and {run.name} have the same configuration, history and "
+                  f"seed {run.config['seed']}: counted once, kept {kept.name} (step "
+                  f"{run_length(kept)}), set aside {set_aside.name} (step {run_length(set_aside)})")
     kind = {key: f"LayerSync lambda {arm['layersync_weight']:g}" if arm["layersync_weight"] else
             "baseline" for key, (arm, _) in groups.items()}
     arms = []
-    for key, (arm, members) in groups.items():  # name what differs from arms of the same kind
+    for key, (arm, by_seed) in groups.items():  # name what differs from arms of the same kind
         others = [groups[other][0] for other in groups if kind[other] == kind[key]]
         label = ", ".join([kind[key], *(f"{k} {arm[k]}" for k in sorted(arm)
                                         if any(other.get(k) != arm[k] for other in others))])
+        members = list(by_seed.values())
+        use_last_shared_probe(members)
         arms.append(Arm(label, members, *(arm.get("layersync_pairs") or [[None, None]])[0]))
     return arms
+
+
+def use_last_shared_probe(runs: list):
+    """The per-block curves of each run, (table, t): {block: value}, at the last probed step that
+    every run of the arm reached, so that the seeds are compared at one step."""
+    steps = set.intersection(*(set(run.probed) for run in runs))
+    for run in runs:
+        run.curves.update(run.probed[max(steps)] if steps else {})
 
 
 def seeds(arm: Arm, name) -> list:
@@ -421,6 +459,12 @@ def over_seeds(curves: list) -> tuple:
             [max(c) for c in columns])
 
 
+def at_last_shared_step(curves: list) -> list:
+    """Each seed's y at the last x that every seed has (none: [])."""
+    xs = over_seeds(curves)[0]
+    return [curve[xs[-1]] for curve in curves] if xs else []
+
+
 def spread(values: list, digits: int) -> str:
     """'mean (min..max)' over seeds, or the value alone for one seed; '-' for none."""
     mean = f"{sum(values) / len(values):.{digits}f}" if values else "-"
@@ -431,20 +475,26 @@ def spread(values: list, digits: int) -> str:
 def compare_table(arms: list) -> str:
     """The figure's numbers as text: losses and FID at the end, the speed-up, then every block's
     probe accuracy, cosine to the teacher and relative update, as the mean over seeds (min..max)."""
-    lines = ["arms (runs whose configs differ only in --seed):"]
+    lines = ["arms (runs whose configs and histories differ only in --seed):"]
     lines += [f"  {arm.label}: {len(arm.runs)} seed(s): " +
               ", ".join(f"{run.name} (seed {run.config['seed']})" for run in arm.runs)
               for arm in arms]
     width = max(24, *(len(arm.label) for arm in arms))
     lines.append(f"{'arm':<{width}} {'seeds':>5} {'step':>7} {'fm':>26} {'layersync':>27} "
                  f"{'student':>7} {'teacher':>7} {'FID at the last scored step':>28}")
-    for arm in arms:  # each seed's last logged (scored) value
-        fm, sync, fid = ([curve[max(curve)] for curve in seeds(arm, name)]
-                         for name in ("fm", "layersync", "fid"))
-        steps = "/".join(sorted({str(max(curve)) for curve in seeds(arm, "fm")})) or "-"
-        lines.append(f"{arm.label:<{width}} {len(arm.runs):>5} {steps:>7} {spread(fm, 4):>26} "
+    uneven = []
+    for arm in arms:  # each seed's value at the last logged (scored) step that every seed reached
+        fm, sync, fid = (at_last_shared_step(seeds(arm, name)) for name in ("fm", "layersync",
+                                                                              "fid"))
+        step = max(over_seeds(seeds(arm, "fm"))[0], default="-")
+        lines.append(f"{arm.label:<{width}} {len(arm.runs):>5} {step:>7} {spread(fm, 4):>26} "
                      f"{spread(sync, 4):>27} {arm.student!s:>7} {arm.teacher!s:>7} "
                      f"{spread(fid, 2):>28}")
+        if len({run_length(run) for run in arm.runs}) > 1:
+            lengths = ", ".join(str(run_length(run)) for run in arm.runs)
+            uneven.append(f"note: the seeds of {arm.label} ran to steps {lengths}; every number "
+                          f"here is at the last step that all of them reached")
+    lines += uneven
     lines += speedup_lines(arms)
     ts = sorted({name[1] for arm in arms for run in arm.runs for name in run.curves
                  if isinstance(name, tuple)}, reverse=True)
@@ -453,8 +503,8 @@ def compare_table(arms: list) -> str:
         columns = [seeds(arm, (table, t)) for arm in arms]
         depth = max((max(curve) for curves in columns for curve in curves), default=0)
         if depth:
-            lines.append(f"{title} per block, t={t:g}, at each run's last probed step, mean over "
-                         f"seeds (min..max):")
+            lines.append(f"{title} per block, t={t:g}, at the last probed step of all an arm's "
+                         f"seeds, mean over seeds (min..max):")
             lines.append(f"{'block':>6} " + " ".join(f"{arm.label:>{cell}}" for arm in arms))
             lines += [f"{k:>6} " + " ".join(
                 f"{spread([curve[k] for curve in curves if k in curve], digits)}"

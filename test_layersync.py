@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -739,7 +740,7 @@ def test_readme_quick_start_runs_as_printed_at_a_smaller_scale(tmp_path):
     for run in ("quick-baseline", "quick-layersync"):
         rows = list(csv.DictReader(open(tmp_path / "runs" / run / "probe.csv")))
         assert len(rows) == 2 * 2 * 3 and all(float(r["relative_update"]) >= 0 for r in rows)
-    assert "arms (runs whose configs differ only in --seed)" in result.stdout
+    assert "arms (runs whose configs and histories differ only in --seed)" in result.stdout
 
 
 def test_readme_paper_to_code_map_points_at_the_right_lines():
@@ -1056,6 +1057,47 @@ def test_resume_refuses_another_configuration(image_folder, tmp_path):
                                     *TINY])  # no silent overwrite
     assert "no checkpoint" in run_error(["--data", image_folder, "--out", str(tmp_path / "new"),
                                          *TINY, "--resume"])
+
+
+def folder_contents(folder) -> dict:
+    """Every file of a folder and its bytes: what a refusal must leave as it was."""
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_a_resume_cannot_change_the_layersync_arm(image_folder, tmp_path):
+    """A baseline resumed with the LayerSync command would be neither arm: refused in one line
+    naming the weight (or the pairs), before anything is written, also once the run has ended."""
+    out = tmp_path / "base"
+    train(image_folder, out, "--layersync-weight", "0", "--steps", "2")
+    before = folder_contents(out)
+    for argv in (["--steps", "4", "--layersync-weight", "0.2"], ["--layersync-weight", "0.2"],
+                 ["--steps", "4", "--layersync-pairs", "1:3"]):
+        error = run_error(["--out", str(out), "--resume", *argv])
+        assert_refused(error, "layersync_", "another --out")
+        assert folder_contents(out) == before
+
+
+def test_a_last_pt_of_another_run_is_refused_before_anything_is_written(image_folder, tmp_path):
+    """One folder holds one run: a last.pt copied over another run's snapshots and logs is
+    refused by --resume, --fid RUN_DIR and --compare; a new run refuses a folder with snapshots;
+    in a folder of its own, the copied last.pt continues."""
+    train(image_folder, tmp_path / "a", "--steps", "4", "--keep-every", "2")
+    train(image_folder, tmp_path / "b", "--steps", "6", "--seed", "1")
+    shutil.copy(tmp_path / "b" / "last.pt", tmp_path / "a" / "last.pt")
+    before = folder_contents(tmp_path / "a")
+    error = run_error(["--out", str(tmp_path / "a"), "--resume", "--steps", "8"])
+    assert_refused(error, "another run", "ema_0000002.pt")
+    for argv in (["--fid", str(tmp_path / "a")], ["--compare", str(tmp_path / "a")]):
+        assert_refused(run_error(argv, sample_script.main), argv[0], "different runs")
+    assert folder_contents(tmp_path / "a") == before
+    os.remove(tmp_path / "a" / "last.pt")  # snapshots alone: still another run's folder
+    assert "--resume" in run_error(["--data", image_folder, "--out", str(tmp_path / "a"), *TINY])
+    (tmp_path / "alone").mkdir()
+    shutil.copy(tmp_path / "b" / "last.pt", tmp_path / "alone" / "last.pt")
+    train_cifar.main(["--out", str(tmp_path / "alone"), "--resume", "--steps", "8"])
+    run_id = checkpoint(tmp_path / "b")["config"]["run_id"]
+    assert checkpoint(tmp_path / "alone")["config"]["run_id"] == run_id
+    assert (tmp_path / "alone" / "run_id.txt").read_text().strip() == run_id
 
 
 @pytest.mark.parametrize("flag,value", [
@@ -1610,7 +1652,8 @@ def test_fid_refusals_are_one_line_before_any_sampling(image_folder, tmp_path, f
     before = sorted(os.listdir(tmp_path)), sorted(os.listdir(out))
     for argv, fragments in (
             (["--fid", "empty"], ["--fid empty", "no checkpoint"]),
-            (["--fid", str(out), "--fid-weights", "missing.pt"], ["--fid-weights missing.pt"]),
+            (["--fid", str(out), "--fid-weights", "missing.pt"], ["--fid-weights missing.pt",
+                                                                   "no such file"]),
             (["--fid", str(out), "--fid-weights", "mixed.pt"], ["--fid-weights mixed.pt"]),
             (["--fid", str(out), "--fid-weights", "list.pt"], ["--fid-weights list.pt"]),
             (["--fid", str(out), "--fid-weights", "code.pt"], ["--fid-weights code.pt"])):
@@ -1673,9 +1716,61 @@ def test_fid_reference_is_cached_by_the_images_content(image_folder, tmp_path, f
         assert passes == ([6, 24] if edit or not seen_before else [6]), passes
 
 
+def test_compare_tables_use_the_last_step_every_seed_reached(image_folder, tmp_path, capsys):
+    """Seeds of one arm that ran to different lengths are compared at the last step they share,
+    in the losses and in the probe, and the table says so."""
+    common = ["--probe-every", "2", "--sample-every", "100", "--log-every", "2"]
+    train(image_folder, tmp_path / "s0", *common, "--steps", "4")
+    train(image_folder, tmp_path / "s1", *common, "--steps", "6", "--seed", "1")
+    capsys.readouterr()
+    arms = sample_script.group_into_arms([sample_script.read_run(str(tmp_path / n))
+                                          for n in ("s0", "s1")])
+    table = sample_script.compare_table(arms)
+    metrics = {n: {r["step"]: float(r["fm"]) for r in csv.DictReader(open(tmp_path / n /
+                                                                          "metrics.csv"))}
+               for n in ("s0", "s1")}
+    fm = [metrics["s0"]["4"], metrics["s1"]["4"]]  # step 4, not s1's step 6
+    row = next(line for line in table.splitlines() if line.startswith("LayerSync lambda 0.2 "))
+    assert row.split()[4:7] == ["4", f"{sum(fm) / 2:.4f}", f"({min(fm):.4f}..{max(fm):.4f})"]
+    assert "ran to steps 4, 6" in table
+    accuracy = [100 * float(next(r["accuracy"] for r in csv.DictReader(open(tmp_path / n /
+                                                                           "probe.csv"))
+                                 if (r["step"], r["t"], r["block"]) == ("4", "1", "3")))
+                for n in ("s0", "s1")]
+    section = table.split("probe accuracy (%) per block, t=1,")[1].splitlines()
+    block3 = next(line for line in section[2:] if line.split()[0] == "3")
+    assert block3.split()[1] == f"{sum(accuracy) / 2:.1f}"
+
+
+def test_a_changed_setting_on_resume_makes_its_own_arm(image_folder, tmp_path, capsys):
+    """A --lr changed on resume is accepted and kept in the run's history, in last.pt and every
+    later snapshot; --compare shows that run as an arm of its own, named by the change. A run only
+    made longer stays in its arm, and of two runs with one seed the longer is kept."""
+    common = ["--probe-every", "0", "--sample-every", "100", "--log-every", "2", "--keep-every",
+              "2"]
+    train(image_folder, tmp_path / "plain", *common, "--steps", "4")
+    for name, resumed in (("changed", ["--steps", "4", "--lr", "3e-4"]), ("longer", ["--steps",
+                                                                                    "6"])):
+        train(image_folder, tmp_path / name, *common, "--steps", "2")
+        train_cifar.main(["--out", str(tmp_path / name), "--resume", *resumed])
+    history = checkpoint(tmp_path / "changed")["config"]["history"]
+    assert history == [{"step": 2, "changes": {"steps": [2, 4], "lr": [1e-4, 3e-4]}}]
+    snapshots = [torch.load(tmp_path / "changed" / f"ema_000000{step}.pt", weights_only=True)
+                 for step in (2, 4)]
+    assert [snapshot["config"]["history"] for snapshot in snapshots] == [[], history]
+    capsys.readouterr()
+    sample_script.main(["--compare", *(str(tmp_path / n) for n in ("plain", "changed", "longer")),
+                        "--figure", str(tmp_path / "compare.png")])
+    out = capsys.readouterr().out
+    assert "kept longer (step 6), set aside plain (step 4)" in out
+    assert "  LayerSync lambda 0.2, lr 0.0001: 1 seed(s): longer (seed 0)" in out
+    assert ("  LayerSync lambda 0.2, lr 0.0003, resumed with lr 0.0001 -> 0.0003 at step 2: 1 "
+            "seed(s): changed (seed 0)") in out
+
+
 def fid_run(name: str, weight: float, seed: int, fid: dict) -> "sample_script.Run":
     config = {"layersync_weight": weight, "seed": seed, "layersync_pairs": [[1, 2]]}
-    return sample_script.Run(name, config, {"fid": fid}, None)  # its FID curve alone
+    return sample_script.Run(name, config, {"fid": fid}, None, {})  # its FID curve alone
 
 
 def test_speedup_is_read_off_the_mean_fid_curves():
@@ -1716,7 +1811,9 @@ def test_compare_draws_fid_counts_a_repeated_seed_once(image_folder, tmp_path, c
     sample_script.main(["--compare", *(str(tmp_path / n) for n in ("b0", "b0again", "s0")),
                         "--figure", str(figure)])
     out = capsys.readouterr().out
-    assert "note: b0again repeats b0" in out and "baseline: 1 seed(s): b0 (seed 0)" in out
+    assert "note: b0 and b0again have the same configuration" in out
+    assert "kept b0 (step 4), set aside b0again (step 4)" in out  # equal lengths: the first
+    assert "baseline: 1 seed(s): b0 (seed 0)" in out
     assert "reaches the baseline's FID 7.00 at step 3: 1.33x fewer steps" in out
     assert Image.open(figure).size[0] > 2000
 
@@ -1922,7 +2019,7 @@ def test_two_processes_train_like_one_and_resume_exactly(image_folder, tmp_path)
     assert straight.returncode == 0, straight.stderr[-2000:]
     assert straight.stdout.count("all 2 ranks hold identical weights") == 1  # by hash, said once
     assert sorted(os.listdir(tmp_path / "two")) == ["ema_0000020.pt", "last.pt", "metrics.csv",
-                                                    "samples_0000020.png"]
+                                                    "run_id.txt", "samples_0000020.png"]
     two = [r for r in csv.DictReader(open(tmp_path / "two" / "metrics.csv"))]
     assert [int(r["step"]) for r in two] == [4, 8, 12, 16, 20]  # one writer, no duplicate rows
     # 10 steps, then a resume to 20, under 2 processes: bit-identical to 20 straight
@@ -1944,10 +2041,21 @@ def test_two_processes_train_like_one_and_resume_exactly(image_folder, tmp_path)
     for curve in (one, two):  # both learned
         assert float(curve[-1]["fm"]) < 0.9 * float(curve[0]["fm"])
     # a resume with another number of processes continues, and says what changes
-    single = run_cli("train_cifar.py", "--data", image_folder, "--out", str(tmp_path / "two"),
-                     *TINY, *DDP,
-                     "--steps", "22", "--resume")
+    # and keeps the run's id and history: 2 processes resumed by 1, 1 resumed by 2
+    run_id = (tmp_path / "two" / "run_id.txt").read_text().strip()
+    single = run_cli("train_cifar.py", "--out", str(tmp_path / "two"), "--steps", "22", "--resume",
+                     "--grad-clip", "0.5", "--device", "cpu")
     assert single.returncode == 0 and "written by 2 process(es), this run has 1" in single.stdout
+    more = torchrun("--out", str(tmp_path / "one"), "--steps", "22", "--resume", "--lr", "1e-3",
+                    "--device", "cpu")
+    assert more.returncode == 0 and "written by 1 process(es), this run has 2" in more.stdout
+    for run, change in (("two", {"grad_clip": [1.0, 0.5]}), ("one", {"lr": [3e-3, 1e-3]})):
+        history = [{"step": 20, "changes": {"steps": [20, 22], **change}}]
+        snapshot = torch.load(tmp_path / run / "ema_0000022.pt", weights_only=True)
+        assert checkpoint(tmp_path / run)["config"]["history"] == history
+        assert snapshot["config"]["history"] == history
+        assert snapshot["config"]["run_id"] == (tmp_path / run / "run_id.txt").read_text().strip()
+    assert checkpoint(tmp_path / "two")["config"]["run_id"] == run_id
 
 
 @pytest.mark.parametrize("flags,message",

@@ -15,6 +15,7 @@ import argparse
 import copy
 import csv
 import datetime
+import glob
 import hashlib
 import math
 import os
@@ -24,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 import zipfile
 from collections import namedtuple
 from types import SimpleNamespace
@@ -104,7 +106,7 @@ def parse_args(argv=None):
         p.print_usage = p.print_help = lambda *_, **__: None
         p.exit = lambda status=0, message=None: sys.exit(status)
     args = p.parse_args(argv)
-    args.changed = flags_from_checkpoint(p, argv, args) if args.resume else []
+    args.changed = flags_from_checkpoint(p, argv, args) if args.resume else {}
     args.probe_every = args.sample_every if args.probe_every is None else args.probe_every
     args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
     args.compile = args.device.type == "cuda" and not args.no_compile
@@ -150,9 +152,10 @@ def probe_levels(text: str) -> list:
     return ts
 
 
-def flags_from_checkpoint(parser, argv, args) -> list:
+def flags_from_checkpoint(parser, argv, args) -> dict:
     """--resume: every run flag not given is the checkpoint's. A given one changes a setting (the
-    changes are returned, to be listed), or is refused if it contradicts the model or the data."""
+    changes are returned, {flag: [old, new]}, to be listed and kept in the run's history), or is
+    refused if it contradicts the model, the data or the LayerSync arm (check_resume_config)."""
     path = os.path.join(args.out, "last.pt")
     stored = load_checkpoint(path)["config"]["flags"] if os.path.exists(path) else {}
     for action in parser._actions:  # parse again, keeping only what the command line gave
@@ -161,9 +164,13 @@ def flags_from_checkpoint(parser, argv, args) -> list:
     for name, value in stored.items():
         if name not in given:
             setattr(args, name, value)
-    return [f"--{name.replace('_', '-')} {stored[name]} -> {getattr(args, name)}"
-            for name in RUN_FLAGS if name in given and name in stored and name not in ("data",
-            "data_dir") and stored[name] != getattr(args, name)]  # data: prepare() checks it
+    changes = {}
+    for name in RUN_FLAGS:
+        if name in given and name in stored and stored[name] != getattr(args, name):
+            changes[name] = [stored[name], getattr(args, name)]
+    changes.pop("data", None)  # given as typed: prepare() compares the resolved paths
+    changes.pop("data_dir", None)
+    return changes
 
 
 def check_args(args):
@@ -438,15 +445,22 @@ def prepare_on_every_rank(args):
         stop_together(error, group)
     if run is not None and master_process:
         os.makedirs(args.out, exist_ok=True)
+        marker = os.path.join(args.out, RUN_ID_FILE)
+        if not (args.resume and os.path.exists(marker)):  # a new run, or last.pt alone in a folder
+            with open(marker, "w") as f:
+                f.write(run.config["run_id"] + "\n")
     return run
 
 
 def prepare(args):
     """Everything that can refuse the run, before the model is built; None: nothing to do."""
     ckpt_path = os.path.join(args.out, "last.pt")
-    if not args.resume and os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    if not args.resume and (os.path.exists(ckpt_path) or glob.glob(SNAPSHOTS, root_dir=args.out)):
+        fail(f"{args.out} holds a run (last.pt or ema_<step>.pt): pass --resume to continue that "
+             f"run, or choose another --out")
     checkpoint = load_checkpoint(ckpt_path) if args.resume else None
+    if checkpoint is not None:  # before anything is written
+        check_one_run(args.out)
     images, labels, classes = load_data(args.data, args.data_dir, args.image_size)
     if len(images) < args.batch_size:  # before --out is made
         fail(f"the dataset has {len(images)} images, fewer than --batch-size {args.batch_size}")
@@ -457,8 +471,16 @@ def prepare(args):
                                     "grad_clip", "ema_decay", "seed", "precision", "data")}
     config.update(model=model_config(args, len(classes)), classes=list(classes),
                   layersync_pairs=[list(p) for p in args.pairs], flags=flags)
+    # The run's identity, kept in last.pt and every snapshot: an id made once, at its start (under
+    # torchrun each rank makes one, and rank 0's is the one written), and the settings that its
+    # resumes changed, with the step of each change
+    config.update(run_id=uuid.uuid4().hex[:12], history=[])
     if checkpoint is not None:  # before building anything: a mismatch costs no time
         check_resume_config(checkpoint["config"], config, ckpt_path)
+        history = checkpoint["config"]["history"]
+        if args.changed:
+            history = [*history, {"step": checkpoint["step"], "changes": args.changed}]
+        config.update(run_id=checkpoint["config"]["run_id"], history=history)
         if checkpoint["step"] >= args.steps:
             say(f"{ckpt_path} is at step {checkpoint['step']} >= --steps {args.steps}: "
                 f"nothing to do; give a larger --steps to train on")
@@ -540,10 +562,13 @@ def load_checkpoint(path: str) -> dict:
     checkpoint = read_torch_file(path)
     saved = checkpoint.keys() if isinstance(checkpoint, dict) else set()
     missing = sorted({"model", "ema", "optimizer", "step", "config", "rng", "elapsed_s"} - saved)
-    if missing or not (isinstance(checkpoint["config"], dict) and "flags" in checkpoint["config"]):
+    if "config" in saved:  # and in it, what identifies the run
+        config = checkpoint["config"] if isinstance(checkpoint["config"], dict) else {}
+        missing += sorted({"flags", "run_id", "history"} - config.keys())
+    if missing:
         fail(f"{path} is not a checkpoint of this train_cifar.py: it holds {sorted(saved)[:8]} and "
-             f"lacks {', '.join(missing) or 'the flags in its config'} (an earlier version or "
-             f"another program wrote it); start a new run in another --out")
+             f"lacks {', '.join(missing)} (an earlier version or another program wrote it); start "
+             f"a new run in another --out")
     return checkpoint
 
 
@@ -565,20 +590,51 @@ def resume(checkpoint: dict, parts, batches, args) -> int:
             f"{ddp_world_size}: the data order and the global batch continue unchanged, the noise "
             f"and t streams are reseeded, so the run is not bit-identical to an uninterrupted one")
     batches.load_state_dict(checkpoint["rng"]["data"])
-    changed = ", ".join(args.changed) or "none"
-    say(f"resumed at step {step} of {args.steps}; settings changed: {changed}")
+    changes = [f"--{name.replace('_', '-')} {old} -> {new}" for name, (old, new) in
+               args.changed.items()]
+    say(f"resumed at step {step} of {args.steps}; settings changed: {', '.join(changes) or 'none'}")
     return step
 
 
 def check_resume_config(old: dict, new: dict, path: str):
-    """Model, data, classes (labels would shift) and seed (resumed streams ignore it) must match."""
-    old, new = ({**config["model"], **{k: config.get(k) for k in ("data", "classes", "seed")}}
+    """Model, data, classes (labels would shift), seed (resumed streams ignore it) and the LayerSync
+    arm (a baseline continued with LayerSync would be neither arm) must match."""
+    old, new = ({**config["model"], **{k: config.get(k) for k in FIXED_FOR_A_RUN}}
                 for config in (old, new))
     diff = [f"{k}: {old.get(k)} in the checkpoint, {new.get(k)} now" for k in sorted(old | new)
             if old.get(k) != new.get(k)]
     if diff:
-        fail(f"{path} belongs to another configuration ({'; '.join(diff)}); "
-             f"resume with the same model and data flags, or start a new run in another --out")
+        fail(f"{path} belongs to another configuration ({'; '.join(diff)}); resume with the same "
+             f"model, data, seed and LayerSync flags, or start a new run in another --out")
+
+
+FIXED_FOR_A_RUN = ("data", "classes", "seed", "layersync_weight", "layersync_pairs")  # and model
+SNAPSHOTS = "ema_*.pt"  # EMA snapshots kept for good, ema_<step>.pt
+RUN_ID_FILE = "run_id.txt"  # the id of the run that writes the folder, made at its start
+
+
+def run_ids_in(folder: str) -> dict:
+    """{file: the id of the run that wrote it}, for each file of `folder` that says: last.pt, the
+    snapshots, and run_id.txt (which speaks for the logs). None: written before run ids existed."""
+    ids = {}
+    for name in ["last.pt", *sorted(glob.glob(SNAPSHOTS, root_dir=folder))]:
+        if os.path.isfile(os.path.join(folder, name)):
+            config = read_torch_file(os.path.join(folder, name)).get("config", {})
+            ids[name] = config.get("run_id")
+    if os.path.isfile(os.path.join(folder, RUN_ID_FILE)):
+        with open(os.path.join(folder, RUN_ID_FILE)) as f:
+            ids[RUN_ID_FILE] = f.read().strip()
+    return ids
+
+
+def check_one_run(folder: str):
+    """--resume continues the run that wrote the folder's other files, or refuses in one line."""
+    ids = run_ids_in(folder)
+    foreign = [name for name, run_id in ids.items() if run_id != ids["last.pt"]]
+    if foreign:
+        fail(f"{folder}: last.pt is run {ids['last.pt']}, but {', '.join(foreign[:3])} come from "
+             f"another run; one folder holds one run: resume in a folder of its own (last.pt "
+             f"alone in it), or put back this folder's own last.pt")
 
 
 # ========================== what a first reading can skip: formats, probe, grids, torchrun, signals
