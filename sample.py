@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from layersync import SiT, check_layersync_pairs, default_layersync_pair, sit_from_official
 # the trainer's own formats (files, data, the probe, samples as pixels) and two of its flag checks
-from train_cifar import (device_arg, load_data, probe_levels, probe_split, read_torch_file,
-                         run_ids_in, run_probe, sample_pixels, save_grid)
+from train_cifar import (check_one_run, device_arg, load_data, probe_levels, probe_split,
+                         read_torch_file, run_probe, sample_pixels, save_grid)
 
 
 def fail(message: str):  # one line, no traceback, as in train_cifar.py
@@ -122,16 +122,6 @@ def run_checkpoint(path: str) -> dict:
     if not (isinstance(checkpoint, dict) and RUN_KEYS <= checkpoint.keys()):
         fail(f"{path} is not a train_cifar.py checkpoint or snapshot (ema, step, config)")
     return checkpoint
-
-
-def check_one_run(folder: str, flag: str):
-    """A folder whose files name more than one run (a last.pt or snapshots copied in from another)
-    is refused: its curves and FIDs would join two runs."""
-    ids = run_ids_in(folder)
-    if len(set(ids.values())) > 1:
-        runs = ", ".join(f"{name}: {run_id}" for name, run_id in ids.items())
-        fail(f"{flag} {folder}: its files come from different runs ({runs}); one folder must hold "
-             f"one run")
 
 
 def load_model(args, path=None) -> Loaded:

@@ -1086,7 +1086,7 @@ def test_a_last_pt_of_another_run_is_refused_before_anything_is_written(image_fo
     shutil.copy(tmp_path / "b" / "last.pt", tmp_path / "a" / "last.pt")
     before = folder_contents(tmp_path / "a")
     error = run_error(["--out", str(tmp_path / "a"), "--resume", "--steps", "8"])
-    assert_refused(error, "another run", "ema_0000002.pt")
+    assert_refused(error, "--resume", "different runs", "ema_0000002.pt")
     for argv in (["--fid", str(tmp_path / "a")], ["--compare", str(tmp_path / "a")]):
         assert_refused(run_error(argv, sample_script.main), argv[0], "different runs")
     assert folder_contents(tmp_path / "a") == before

@@ -460,7 +460,7 @@ def prepare(args):
              f"run, or choose another --out")
     checkpoint = load_checkpoint(ckpt_path) if args.resume else None
     if checkpoint is not None:  # before anything is written
-        check_one_run(args.out)
+        check_one_run(args.out, "--resume")
     images, labels, classes = load_data(args.data, args.data_dir, args.image_size)
     if len(images) < args.batch_size:  # before --out is made
         fail(f"the dataset has {len(images)} images, fewer than --batch-size {args.batch_size}")
@@ -627,14 +627,14 @@ def run_ids_in(folder: str) -> dict:
     return ids
 
 
-def check_one_run(folder: str):
-    """--resume continues the run that wrote the folder's other files, or refuses in one line."""
+def check_one_run(folder: str, flag: str):
+    """A folder whose files name more than one run (a last.pt or snapshots copied in from another)
+    is refused by --resume, --fid RUN_DIR and --compare: it would join two runs."""
     ids = run_ids_in(folder)
-    foreign = [name for name, run_id in ids.items() if run_id != ids["last.pt"]]
-    if foreign:
-        fail(f"{folder}: last.pt is run {ids['last.pt']}, but {', '.join(foreign[:3])} come from "
-             f"another run; one folder holds one run: resume in a folder of its own (last.pt "
-             f"alone in it), or put back this folder's own last.pt")
+    if len(set(ids.values())) > 1:
+        runs = ", ".join(f"{name}: {run_id}" for name, run_id in ids.items())
+        fail(f"{flag} {folder}: its files come from different runs ({runs}); one folder holds one "
+             f"run: a copied last.pt goes alone into a new folder, to --resume there")
 
 
 # ========================== what a first reading can skip: formats, probe, grids, torchrun, signals
