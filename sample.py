@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections import namedtuple
 
 import numpy as np
@@ -29,8 +30,9 @@ from tqdm import tqdm
 
 from layersync import SiT, check_layersync_pairs, default_layersync_pair, sit_from_official
 # the trainer's own formats (files, data, the probe, samples as pixels) and two of its flag checks
-from train_cifar import (check_one_run, device_arg, load_data, probe_levels, probe_split,
-                         read_torch_file, run_probe, sample_pixels, save_grid)
+from train_cifar import (WriteFailed, append_rows, check_one_run, device_arg, existing_parent,
+                         in_units, load_data, probe_levels, probe_split, read_torch_file,
+                         run_probe, sample_pixels, save_grid, write_atomically)
 
 
 def fail(message: str):  # one line, no traceback, as in train_cifar.py
@@ -179,10 +181,24 @@ def check_flags(args, loaded: Loaded) -> torch.Tensor:
         fail("--probe of official weights needs --probe-data FOLDER, a sub-folder per class")
     rows = model.num_classes if args.class_label is None else 1  # one row per class
     n = args.n or (10_000 if args.fid else 8 * rows)  # FID of a few images means nothing
+    if args.npz:  # its size is known: refuse now rather than after the sampling
+        check_npz_space(args.npz, n, loaded.config["model"]["input_size"] * (8 if latent else 1))
     if args.grid and n % rows:
         fail(f"--n {n} with --grid: the grid has one row per class, so give a multiple of the "
              f"{rows} classes, e.g. --n {8 * rows}, or one --class-label")
     return torch.arange(n) % rows + (args.class_label or 0)
+
+
+def check_npz_space(path: str, n: int, side: int):
+    """--npz holds n uint8 images (side x side x 3) and n int64 labels, uncompressed: refused in
+    one line if they cannot fit where it goes, a warning if they would leave under a fifth."""
+    need, free = n * (side * side * 3 + 8), shutil.disk_usage(existing_parent(path)).free
+    what = f"--npz {path}: {n} images of {side}x{side} take {in_units(need)}"
+    if need > free:
+        fail(f"{what}, but only {in_units(free)} are free there: write it elsewhere, give a "
+             f"smaller --n, or free some space")
+    if free - need < free / 5:
+        print(f"warning: {what}, leaving {in_units(free - need)} of the {in_units(free)} free")
 
 
 def load_vae(args) -> tuple:
@@ -311,11 +327,8 @@ def fid_of_run(args):
         if step == todo[0]:  # before any sampling
             labels, options = check_flags(args, loaded), prepare_fid(args, loaded.config)
         fid = compute_fid(generate(args, loaded, labels), options)
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, FID_FIELDS)
-            if f.tell() == 0:  # a new file
-                writer.writeheader()
-            writer.writerow({"step": step, "fid": f"{fid:.6g}", **settings})
+        as_read_back = {k: str(v) for k, v in settings.items()}  # as `done` compares them
+        append_rows(path, FID_FIELDS, [{"step": step, "fid": f"{fid:.6g}", **as_read_back}])
         print(f"step {step}: FID {fid:.2f} -> {path}")
 
 
@@ -626,7 +639,7 @@ def compare_figure(arms: list, path: str):
                                markersize=10, markeredgecolor="black")
                         for colour, style, marker, label in legend(arms, colours, ts, styles)],
                loc="outside upper center", ncols=8, fontsize=11)  # one legend for every panel
-    fig.savefig(path, dpi=110)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110))
     print(f"figure: {path}")
 
 
@@ -643,6 +656,13 @@ def legend(arms: list, colours: list, ts: list, styles: list) -> list:
 # ------------------------------------------------------------------ main
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        write_outputs(args)
+    except WriteFailed as error:  # a full disk: one line; what was written before is whole
+        fail(f"{error}; no part of it is left, and the files written before it are whole")
+
+
+def write_outputs(args):
     if args.compare:  # the numbers as text first, then the figure
         arms = group_into_arms([read_run(folder) for folder in args.compare])
         print(compare_table(arms))
@@ -662,7 +682,8 @@ def main(argv=None):
         columns = len(labels) // len(labels.unique())
         save_grid(images[labels.argsort(stable=True)].permute(0, 3, 1, 2), args.grid, columns)
     if args.npz:
-        np.savez(args.npz, arr_0=images.numpy(), arr_1=labels.numpy())
+        arrays = {"arr_0": images.numpy(), "arr_1": labels.numpy()}
+        write_atomically(args.npz, lambda f: np.savez(f, **arrays))
     print(f"{len(images)} images from {loaded.name}, {args.method} {args.steps} steps, cfg "
           f"{args.cfg_scale}" + "".join(f"; wrote {out}" for out in (args.grid, args.npz) if out))
     if args.fid:

@@ -17,6 +17,7 @@ import csv
 import datetime
 import glob
 import hashlib
+import io
 import math
 import os
 import pickle
@@ -28,6 +29,7 @@ import time
 import uuid
 import zipfile
 from collections import namedtuple
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
@@ -188,9 +190,7 @@ def check_args(args):
             SiT(**config)
     except ValueError as error:
         fail(f"--model {args.model} with these overrides cannot be built: {error}")
-    parent = os.path.abspath(args.out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = existing_parent(args.out)
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
         fail(f"--out {args.out}: {parent} is not a writable folder")
     args.pairs = parse_pairs(args.layersync_pairs, config["depth"], args.layersync_weight)
@@ -364,16 +364,12 @@ def train(args):
             if due(args.sample_every) and master_process:  # EMA samples, the same noise each time
                 png = os.path.join(args.out, f"samples_{step:07d}.png")
                 sample_grid(parts.ema, run.config["model"], png, args.sample_steps, args.precision)
-            if probes and master_process and due(args.probe_every):  # every block, rank 0 only
-                probe = run_probe(parts.ema, run.probe_data, args.probe_t, pairs, args.precision)
-                probes.write(probe_rows(step, probe))
-                say(f"probe at step {step}: {probe_summary(probe, pairs)}")
+            if probes and due(args.probe_every):  # every block, on rank 0 only
+                on_rank_0(probe_into, probes, parts.ema, run.probe_data, args, step)
             log.time += time.perf_counter() - pause  # img_per_s counts training time only
     finally:
         signals.restore()
-        for closing in (bar, metrics, probes):
-            if closing:
-                closing.close()
+        bar.close()
     if stop_signal:
         say(f"interrupted by {signal.Signals(stop_signal).name}: saved step {step} of {args.steps} "
             f"to {ckpt_path}; rerun with --out {args.out} --resume to continue", file=sys.stderr)
@@ -407,7 +403,8 @@ class Interval:
         mean = (self.totals / (step - self.step)).tolist()
         now = time.perf_counter()
         images_per_s = args.batch_size * (step - self.step) / (now - self.time)
-        metrics.write([dict(zip(METRICS_FIELDS, [step, *mean, images_per_s, now - self.start]))])
+        row = dict(zip(METRICS_FIELDS, [step, *mean, images_per_s, now - self.start]))
+        on_rank_0(metrics.write, [row])
         self.totals.zero_()
         self.step, self.time = step, now
         # Eq. 3 spelled out: the total is fm + lambda * (-cosine), so it can go below 0
@@ -443,13 +440,18 @@ def prepare_on_every_rank(args):
             except SystemExit as refusal:
                 error = str(refusal.code)
         stop_together(error, group)
-    if run is not None and master_process:
-        os.makedirs(args.out, exist_ok=True)
-        marker = os.path.join(args.out, RUN_ID_FILE)
-        if not (args.resume and os.path.exists(marker)):  # a new run, or last.pt alone in a folder
-            with open(marker, "w") as f:
-                f.write(run.config["run_id"] + "\n")
+    if run is not None:
+        on_rank_0(make_out, args, run.config["run_id"])
     return run
+
+
+def make_out(args, run_id: str):
+    """--out, and in it the run's id: at the start, or for a last.pt moved alone into a folder."""
+    marker = os.path.join(args.out, RUN_ID_FILE)
+    with failing_write(args.out):
+        os.makedirs(args.out, exist_ok=True)
+    if not (args.resume and os.path.exists(marker)):
+        write_atomically(marker, lambda f: f.write(f"{run_id}\n".encode()))
 
 
 def prepare(args):
@@ -485,9 +487,60 @@ def prepare(args):
             say(f"{ckpt_path} is at step {checkpoint['step']} >= --steps {args.steps}: "
                 f"nothing to do; give a larger --steps to train on")
             return None
+    check_disk_space(args, config["model"], checkpoint["step"] if checkpoint else 0)
     probe = probe_split(args.data, args.data_dir, images, labels) if args.probe_every else None
     return SimpleNamespace(checkpoint=checkpoint, images=images, labels=labels, classes=classes,
                            probe_data=probe, config=config)
+
+
+def check_disk_space(args, model_config: dict, step: int):
+    """What the run will still write into --out, against the space free there: refused in one line
+    if it cannot fit, a warning if it would leave under a fifth of that space. From the model's own
+    sizes: last.pt holds the weights, the EMA and AdamW's two moments per parameter, and is written
+    twice while it is replaced; a snapshot holds the EMA; a grid is at most its raw pixels."""
+    with torch.device("meta"):  # sizes without memory
+        model = SiT(**model_config)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    checkpoint = 2 * weights + moments
+    snapshots = writes_between(step, args.steps, args.keep_every)
+    grids = writes_between(step, args.steps, args.sample_every)
+    side = max(64, model_config["input_size"]) + 2  # enlarged to 64 pixels (save_grid), a border
+    grid = min(model_config["num_classes"], 20) * 8 * 3 * side * side
+    resumed = step > 0  # its last.pt is on the disk already: one more copy while it is replaced
+    need = checkpoint * (1 if resumed else 2) + snapshots * weights + grids * grid
+    free = shutil.disk_usage(existing_parent(args.out)).free
+    what = (f"the run will write about {in_units(need)} into {args.out} (last.pt of "
+            f"{in_units(checkpoint)} {'once more' if resumed else 'twice'} while it is replaced, "
+            f"{snapshots} ema_<step>.pt of {in_units(weights)}, {grids} grids)")
+    if need > free:
+        fail(f"{what}, but only {in_units(free)} are free there: pass --keep-every 0 (no "
+             f"snapshots) or a larger --keep-every, another --out, or free some space")
+    if free - need < free / 5:
+        say(f"warning: {what}, leaving {in_units(free - need)} of the {in_units(free)} free there")
+
+
+def writes_between(start: int, end: int, every: int) -> int:
+    """How many of the steps start+1..end write an output that comes every `every` steps and at the
+    end (0: never)."""
+    return end // every - start // every + (end % every != 0) if every and end > start else 0
+
+
+def in_units(size: float) -> str:
+    """A number of bytes as people read it: 1234567 -> '1.23 MB'."""
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if size < 1000:
+            break
+        size /= 1000
+    return f"{size:.3g} {unit}"
+
+
+def existing_parent(path: str) -> str:
+    """The folder itself, or the nearest folder above it that exists (--out is made later)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def describe_run(args, run, model) -> str:
@@ -519,22 +572,7 @@ def save(path: str, parts, step: int, config: dict, batches=None, elapsed_s=0.0)
             dist.all_gather_object(ranks, generators)
         state.update(model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
                      rng={"data": batches.state_dict(), "ranks": ranks}, elapsed_s=elapsed_s)
-    tmp = path + ".tmp"
-    try:
-        if master_process:  # a temporary file, then a rename: a kill while saving never breaks path
-            try:
-                with open(tmp, "wb") as f:
-                    torch.save(state, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:  # a failed or interrupted write leaves no temporary file behind
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-        stop_together(None)
-    except OSError as problem:  # a full disk, a quota, a vanished mount
-        stop_together(f"error: could not write {path} at step {step} ({problem}); last.pt "
-                      f"holds the last saved state. Free some space and rerun with --resume.")
+    on_rank_0(write_atomically, path, lambda f: torch.save(state, f))  # torch writes through f
 
 
 def read_torch_file(path: str):
@@ -757,9 +795,17 @@ def run_probe(model: SiT, data: ProbeData, ts: list, pairs: list, precision: str
     teacher = pairs[0][1] if pairs else None
     with autocast(model.pos_embed.device, precision):
         probe = linear_probe(model, data.fit, data.scored, ts, teacher)
-    if csv_path:
-        CsvLog(csv_path, PROBE_FIELDS).write(probe_rows(step, probe)).close()
+    if csv_path:  # the whole file or none
+        rows = probe_rows(step, probe)
+        write_atomically(csv_path, lambda f: f.write(csv_text(PROBE_FIELDS, rows, header=True)))
     return probe
+
+
+def probe_into(log, model, data: ProbeData, args, step: int):
+    """During training: the probe of every block, its rows into probe.csv and a summary line."""
+    probe = run_probe(model, data, args.probe_t, args.pairs, args.precision)
+    log.write(probe_rows(step, probe))
+    say(f"probe at step {step}: {probe_summary(probe, args.pairs)}")
 
 
 def probe_summary(probe, pairs: list) -> str:
@@ -797,7 +843,9 @@ def save_grid(pixels: torch.Tensor, path: str, columns: int):
     from torchvision.utils import make_grid
     scale = max(1, 64 // pixels.shape[-1])
     pixels = pixels.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
-    Image.fromarray(make_grid(pixels.cpu(), nrow=columns).permute(1, 2, 0).numpy()).save(path)
+    image = Image.fromarray(make_grid(pixels.cpu(), nrow=columns).permute(1, 2, 0).numpy())
+    image_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
+    write_atomically(path, lambda f: image.save(f, format=image_format))
 
 
 def sample_grid(ema, config: dict, path: str, steps: int, precision: str):
@@ -810,8 +858,42 @@ def sample_grid(ema, config: dict, path: str, steps: int, precision: str):
     try:
         pixels = sample_pixels(ema, noise.to(device), labels.to(device), steps, precision)
         save_grid(pixels, path, columns=8)
-    except OSError as error:
-        say(f"warning: could not write {path} ({error})")
+    except WriteFailed as error:
+        say(f"warning: {error}")
+
+
+# ------------------------------------------------------------------ writing files
+class WriteFailed(Exception):
+    """A file could not be written (a full disk, a quota, a file-size limit); says which and why."""
+
+
+@contextmanager
+def failing_write(path: str):
+    """A failed write to `path` raised as WriteFailed. torch's zip writer reports it as a
+    RuntimeError raised while handling the OSError: that is caught too, and nothing else is."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        cause = error if isinstance(error, OSError) else error.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise WriteFailed(f"could not write {path} ({cause.strerror or cause})") from None
+
+
+def write_atomically(path: str, write):
+    """write(file) into a temporary file that is then renamed onto `path`: a failed write or a kill
+    leaves `path` as it was, and a failed write leaves no temporary file either."""
+    tmp = path + ".tmp"
+    try:
+        with failing_write(path):
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it the file
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ------------------------------------------------------------------ agreement between processes
@@ -826,6 +908,19 @@ def stop_together(error, group=None):
         error = next((e for e in errors if e), None)
     if error:
         raise SystemExit(error)
+
+
+def on_rank_0(write, *args):
+    """write(*args) on rank 0, which alone writes files; every rank learns whether it failed, and
+    if so all stop with its one line: none is left waiting in a collective or in a traceback."""
+    failure = None
+    if master_process:
+        try:
+            write(*args)
+        except WriteFailed as error:
+            failure = (f"error: {error}; the files written before it are whole, and last.pt holds "
+                       f"the last saved state: make room, then rerun with --resume")
+    stop_together(failure)
 
 
 class NonFiniteWatch:
@@ -896,30 +991,50 @@ PROBE_FIELDS = ["step", "t", "block", "accuracy", "teacher_cosine", "relative_up
 
 
 class CsvLog:
-    """A CSV that rank 0 alone writes; a resume keeps its readable rows up to the restart step."""
+    """A CSV that rank 0 alone writes (on_rank_0), rows whole or not at all; a resume keeps its
+    readable rows up to the restart step."""
 
     def __init__(self, path: str, fields: list, resume_step: int = 0):
-        self.file, self.rows = None, []
-        if not master_process:
-            return
-        if resume_step and os.path.exists(path):
-            with open(path, newline="") as f:
-                self.rows = [row for row in csv.DictReader(f) if readable(row, resume_step)]
-        self.file = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=fields)
-        self.writer.writeheader()
-        self.write(self.rows)  # read back as text: written unchanged
+        self.path, self.fields = path, fields
+        on_rank_0(self.restart, resume_step)
 
-    def write(self, rows):
-        if self.file:
-            self.writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v
-                                   for k, v in row.items()} for row in rows)
-            self.file.flush()
-        return self
+    def restart(self, resume_step: int):
+        rows = []
+        if resume_step and os.path.exists(self.path):
+            with open(self.path, newline="") as f:
+                rows = [row for row in csv.DictReader(f) if readable(row, resume_step)]
+        # read back as text, written unchanged; the file is replaced whole, so a failure keeps it
+        write_atomically(self.path, lambda f: f.write(csv_text(self.fields, rows, header=True)))
 
-    def close(self):
-        if self.file:
-            self.file.close()
+    def write(self, rows: list):
+        append_rows(self.path, self.fields, rows)
+
+
+def csv_text(fields: list, rows: list, header: bool = False) -> bytes:
+    """Rows as CSV (floats to 6 significant digits), after the header if asked."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    if header:
+        writer.writeheader()
+    writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
+                     for row in rows)
+    return text.getvalue().encode()
+
+
+def append_rows(path: str, fields: list, rows: list):
+    """CSV rows appended whole or not at all (a new file is written with its header): a failed
+    write cuts the file back to the complete rows it had."""
+    if not os.path.exists(path):
+        return write_atomically(path, lambda f: f.write(csv_text(fields, rows, header=True)))
+    with failing_write(path), open(path, "ab", buffering=0) as f:
+        end = f.tell()
+        unwritten = memoryview(csv_text(fields, rows))
+        try:
+            while unwritten:  # unbuffered: a write that fills the disk stops short, the next fails
+                unwritten = unwritten[f.write(unwritten):]
+        except OSError:
+            f.truncate(end)
+            raise
 
 
 def readable(row: dict, resume_step: int) -> bool:
