@@ -1,8 +1,9 @@
 """LayerSync in one file: the loss, the SiT it regularises, the objective, samplers and a probe.
 
 LayerSync ("Self-aligning Intermediate Layers", Haghighi et al., ICLR 2026) lets a
-diffusion/flow transformer teach itself: the per-token features of a weak, shallow
-block are pulled towards those of a stronger, deeper block of the same forward pass.
+diffusion/flow transformer teach itself: the per-token features of a shallow block,
+the student k, are pulled towards those of a deeper block of the same forward pass,
+the teacher k' > k.
 No external encoder, no projection head, no extra parameters, no extra forward.
 
 Read top to bottom:
@@ -32,11 +33,12 @@ import torch.nn.functional as F
 # 1. The LayerSync loss (Sec. 3, Eq. 2)
 # ---------------------------------------------------------------------------
 
-def layersync_loss(weak: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
-    """Eq. 2: minus the mean per-token cosine similarity, with a stop-gradient on `strong`.
+def layersync_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: minus the mean per-token cosine similarity, with a stop-gradient on the teacher.
 
-    weak, strong: (..., D) features of the same tokens from blocks k < k' of one forward
-    pass (e.g. (B, N, D) residual streams). Returns a scalar in [-1, 1]; -1 means aligned.
+    student, teacher: (..., D) features of the same tokens from blocks k < k' of one forward
+    pass (e.g. (B, N, D) residual streams); Eq. 2 calls them the weak block f^k and the strong
+    block f^{k'}. Returns a scalar in [-1, 1]; -1 means aligned.
 
     What the term trains: blocks 1..k and what feeds them (in a SiT the patch, time and label
     embeddings). Block k' and every block after k get no gradient from it; they learn from the
@@ -45,16 +47,16 @@ def layersync_loss(weak: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
     To use it in another transformer, keep the outputs of two blocks (per token, no pooling,
     no head; record_blocks below takes them without editing the forward) and add the term:
 
-        weak, strong = hidden[k - 1], hidden[k_teacher - 1]  # blocks k < k', (B, N, D) each
-        loss = loss + lam * layersync_loss(weak, strong)      # Eq. 3, lam = 0.2 in the paper
+        student, teacher = hidden[k - 1], hidden[k_teacher - 1]  # blocks k < k', (B, N, D)
+        loss = loss + lam * layersync_loss(student, teacher)  # Eq. 3, lam = 0.2 in the paper
     """
-    if weak.shape != strong.shape:
-        raise ValueError(f"layersync_loss: weak {tuple(weak.shape)} and strong "
-                         f"{tuple(strong.shape)} must have the same shape (..., D)")
-    strong = strong.detach()  # Eq. 2: stopgrad(f^{k'}): only blocks 1..k learn from the term
+    if student.shape != teacher.shape:
+        raise ValueError(f"layersync_loss: student {tuple(student.shape)} and teacher "
+                         f"{tuple(teacher.shape)} must have the same shape (..., D)")
+    teacher = teacher.detach()  # Eq. 2: stopgrad(f^{k'}): only blocks 1..k learn from the term
     # fp32 normalisation: the residual stream may arrive in bf16 under autocast
-    weak, strong = F.normalize(weak.float(), dim=-1), F.normalize(strong.float(), dim=-1)
-    cosine = (weak * strong).sum(dim=-1)  # Eq. 2: cos(f^k[n], f^{k'}[n]) for each token n
+    student, teacher = F.normalize(student.float(), dim=-1), F.normalize(teacher.float(), dim=-1)
+    cosine = (student * teacher).sum(dim=-1)  # Eq. 2: cos(f^k[n], f^{k'}[n]) for each token n
     return -cosine.mean()  # Eq. 2: -(1/N) sum_n, then the expectation over the batch
 
 
@@ -350,8 +352,8 @@ def default_layersync_pair(depth: int) -> tuple:
     """
     if depth < 2:
         raise ValueError(f"LayerSync needs at least 2 blocks (got depth {depth})")
-    weak = max(1, round(depth * 8 / 28))
-    return weak, max(weak + 1, round(depth * 16 / 28))
+    student = max(1, round(depth * 8 / 28))
+    return student, max(student + 1, round(depth * 16 / 28))
 
 
 def check_layersync_pairs(pairs, depth: int) -> list:
@@ -469,8 +471,8 @@ def guided_velocity(model: SiT, y: torch.Tensor, cfg_scale: float = 1.0):
 # 5. Seeing it: a linear probe of every block (Sec. 3)
 # ---------------------------------------------------------------------------
 # Sec. 3's case is that blocks differ in how semantic their features are and that LayerSync lifts
-# the weak ones; the paper shows it with a per-layer linear probe. This one is closed-form (ridge),
-# so it is deterministic and cheap enough to run during training.
+# the shallow ones; the paper shows it with a per-layer linear probe. This one is closed-form
+# (ridge), so it is deterministic and cheap enough to run during training.
 
 # each {t: {block: value}}; relative_update: ||h_k - h_{k-1}|| / ||h_{k-1}||, block k's write
 BlockProbe = namedtuple("BlockProbe", "accuracy teacher_cosine relative_update")

@@ -112,8 +112,10 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------ models and samples
-# step: None for official weights; name: "step N (EMA weights)" or "the official weights (...)"
-Loaded = namedtuple("Loaded", "model config step precision name")
+# What a checkpoint holds: the SiT (on the device), its step, the precision to sample in, a name
+# ("step N (EMA weights)"), the image size it makes, its LayerSync pairs, and the run's training
+# data (a built-in name or a folder) and data folder; official weights: step, data, data_dir None
+Loaded = namedtuple("Loaded", "model step precision name image_size pairs data data_dir")
 OFFICIAL_KEYS = {"model", "ema", "opt", "args"}  # what the official SiT / LayerSync train.py saves
 RUN_KEYS = {"ema", "step", "config"}  # in a train_cifar.py checkpoint, and all of an EMA snapshot
 
@@ -135,13 +137,14 @@ def load_model(args, path=None) -> Loaded:
     if is_dict and RUN_KEYS <= checkpoint.keys():
         if weights not in checkpoint:
             fail(f"--no-ema: {path} is an EMA snapshot; the raw weights are in the run's last.pt")
-        config = checkpoint["config"]  # and --data-dir: by default where the run found CIFAR-10
-        args.data_dir = args.data_dir or config.get("flags", {}).get("data_dir")
+        config = checkpoint["config"]
         model = SiT(**config["model"])
         model.load_state_dict(checkpoint[weights])
         precision = config["precision"] if args.device.type == "cuda" else "fp32"  # as it trained
-        return Loaded(model.to(args.device).eval(), config, checkpoint["step"], precision,
-                      f"step {checkpoint['step']} ({kind})")
+        run_data_dir = config.get("flags", {}).get("data_dir")  # where the run found CIFAR-10
+        return Loaded(model.to(args.device).eval(), checkpoint["step"], precision,
+                      f"step {checkpoint['step']} ({kind})", config["model"]["input_size"],
+                      config["layersync_pairs"], config["data"], run_data_dir)
     official = is_dict and OFFICIAL_KEYS <= checkpoint.keys()
     state = checkpoint[weights] if official else checkpoint
     if not (isinstance(state, dict) and "x_embedder.proj.weight" in state):
@@ -161,8 +164,13 @@ def load_model(args, path=None) -> Loaded:
             print(f"note: {path}: {error}; the probe's cosines are to the default pair's teacher")
         pair = default_layersync_pair(depth)
     side = round(model.pos_embed.shape[1] ** 0.5) * model.patch_size  # patches per side x patch
-    config = {"model": {"input_size": side}, "layersync_pairs": [list(pair)]}
-    return Loaded(model.to(args.device).eval(), config, None, "fp32", f"official weights ({kind})")
+    return Loaded(model.to(args.device).eval(), None, "fp32", f"official weights ({kind})", side,
+                  [list(pair)], None, None)
+
+
+def data_dir(args, loaded: Loaded) -> str:
+    """Where CIFAR-10 is: --data-dir, else where the run found it, else ./data."""
+    return args.data_dir or loaded.data_dir or "./data"
 
 
 def check_flags(args, loaded: Loaded) -> torch.Tensor:
@@ -182,7 +190,7 @@ def check_flags(args, loaded: Loaded) -> torch.Tensor:
     rows = model.num_classes if args.class_label is None else 1  # one row per class
     n = args.n or (10_000 if args.fid else 8 * rows)  # FID of a few images means nothing
     if args.npz:  # its size is known: refuse now rather than after the sampling
-        check_npz_space(args.npz, n, loaded.config["model"]["input_size"] * (8 if latent else 1))
+        check_npz_space(args.npz, n, loaded.image_size * (8 if latent else 1))
     if args.grid and n % rows:
         fail(f"--n {n} with --grid: the grid has one row per class, so give a multiple of the "
              f"{rows} classes, e.g. --n {8 * rows}, or one --class-label")
@@ -235,7 +243,7 @@ def first_line(error: Exception) -> str:
 def generate(args, loaded: Loaded, labels, decode=None) -> torch.Tensor:
     """uint8 images (N, H, W, 3), latents decoded by `decode`; the noise comes from a CPU
     generator, so --seed gives the same images whatever the device and batch size."""
-    model, size = loaded.model, loaded.config["model"]["input_size"]
+    model, size = loaded.model, loaded.image_size
     generator = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(len(labels), model.in_channels, size, size, generator=generator)
     batches = list(zip(noise.split(args.batch_size), labels.split(args.batch_size)))
@@ -254,20 +262,20 @@ class UInt8Images(list, torch.utils.data.Dataset):
     """uint8 images (3, H, W) in a list: the Dataset torch-fidelity reads."""
 
 
-def prepare_fid(args, config: dict) -> dict:
+def prepare_fid(args, loaded: Loaded) -> dict:
     """Before any sampling, one line for what is missing: the extra, the run's training data (the
     reference) and the Inception weights. Returns torch-fidelity's options for compute_fid."""
     try:
         import torch_fidelity
     except ImportError:
         fail("--fid needs the optional extra torch-fidelity: pip install torch-fidelity")
-    if "data" not in config:  # the official weights: ImageNet latents
+    if loaded.data is None:  # the official weights: ImageNet latents
         fail("--fid compares with a train_cifar.py run's own data; for ImageNet models write --npz "
              "and score it with the ADM evaluation suite (openai/guided-diffusion), like the paper")
-    data, size = config["data"], config["model"]["input_size"]
+    data, size = loaded.data, loaded.image_size
     if os.path.isabs(data) and not os.path.isdir(data):  # a folder (built-ins are names)
         fail(f"--fid: the run trained on {data}, which is gone; FID needs those images")
-    reference, _, _ = load_data(data, args.data_dir, size)  # (N, 3, H, W) uint8
+    reference, _, _ = load_data(data, data_dir(args, loaded), size)  # (N, 3, H, W) uint8
     # torch-fidelity caches the reference's statistics under a key: a hash of the images and the
     # Inception weights, so that edited images or other weights are measured again
     key = hashlib.sha1(reference.contiguous().numpy())
@@ -325,7 +333,7 @@ def fid_of_run(args):
     for step in todo:
         loaded = load_model(args, snapshots[step])
         if step == todo[0]:  # before any sampling
-            labels, options = check_flags(args, loaded), prepare_fid(args, loaded.config)
+            labels, options = check_flags(args, loaded), prepare_fid(args, loaded)
         fid = compute_fid(generate(args, loaded, labels), options)
         as_read_back = {k: str(v) for k, v in settings.items()}  # as `done` compares them
         append_rows(path, FID_FIELDS, [{"step": step, "fid": f"{fid:.6g}", **as_read_back}])
@@ -336,17 +344,17 @@ def fid_of_run(args):
 def probe_checkpoint(args, loaded: Loaded, encode=None):
     """Every block's probe accuracy, on the run's own data or on --probe-data (encoded for a
     latent model), as a table and a CSV: the same probe as in training (run_probe)."""
-    model, config, step = loaded.model, loaded.config, loaded.step
-    source = args.probe_data or config["data"]  # a latent model sees 8x smaller latents (SD-VAE)
-    data_dir = args.data_dir or "./data"  # official weights: --probe-data may be cifar10
-    size = config["model"]["input_size"] * (8 if encode else 1)
-    images, labels, _ = load_data(source, data_dir, size)
-    data = probe_split(source, data_dir, images, labels, encode)
+    model, step = loaded.model, loaded.step
+    source = args.probe_data or loaded.data  # a latent model sees 8x smaller latents (SD-VAE)
+    folder = data_dir(args, loaded)  # official weights: --probe-data may be cifar10
+    size = loaded.image_size * (8 if encode else 1)
+    images, labels, _ = load_data(source, folder, size)
+    data = probe_split(source, folder, images, labels, encode)
     ckpt = os.path.abspath(args.ckpt)  # a file or a run folder: the CSV goes beside or inside
     name = f"{step:07d}" if step is not None else os.path.splitext(os.path.basename(ckpt))[0]
     path = args.probe_csv or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt),
                                           f"probe_{name}.csv")
-    pairs = config["layersync_pairs"]
+    pairs = loaded.pairs
     probe = run_probe(model, data, args.probe_t, pairs, loaded.precision, path, step or 0)
     role = {k: "student" for k, _ in pairs} | {k_teacher: "teacher" for _, k_teacher in pairs}
     cosines = probe.teacher_cosine.get(args.probe_t[0], {})  # to the teacher, at the first t
@@ -567,25 +575,32 @@ def band(ax, curves: list, colour, style="-", marker=None) -> dict:
     return dict(zip(xs, mean))
 
 
-PANELS = (  # (curves, title, x label, y label) of panels (a)-(e) and (g); {ref}: the baseline arm
-    ("fm", "(a) training losses: mean over seeds, band = min..max;\nflow matching relative to the "
-     "mean of {ref}", "step", "flow-matching loss, Eq. 1: % above {ref} (solid)"),
-    ("accuracy", "(b) linear probe of every block, at the last probed step", "block",
+# (curves, title, x label, y label) of each panel, in the figure's rows; {ref}: the reference arm.
+# The top row ends with (h), FID over training, where a run has its fid.csv; the bottom row ends
+# with (g), each arm's last sample grid.
+TOP_PANELS = (
+    ("fm", "(a) flow-matching loss (Eq. 1) over training,\nrelative to the mean of {ref}", "step",
+     "flow-matching loss: % above {ref}"),
+    ("layersync", "(b) LayerSync term (Eq. 2) over training: minus the cosine\nof student and "
+     "teacher, -1 = aligned (a baseline's: measured, not trained)", "step",
+     "LayerSync term: -cosine(student, teacher)"),
+    ("accuracy", "(c) linear probe of every block, at the last probed step", "block",
      "probe top-1 accuracy (%), dotted: chance"),
-    ("student", "(c) the student block's probe accuracy over training", "step",
+    ("student", "(d) the student block's probe accuracy over training", "step",
      "probe top-1 accuracy (%), dotted: chance"),
-    ("fid", "(g) FID over training (sample.py --fid RUN_DIR), lower is better", "step",
-     "FID against the training data"),
-    ("teacher_cosine", "(d) each block's mean per-token cosine to the teacher block:\nall blocks "
+    ("fid", "(h) FID over training (sample.py --fid RUN_DIR), lower is better", "step",
+     "FID against the training data"))
+BOTTOM_PANELS = (
+    ("teacher_cosine", "(e) each block's mean per-token cosine to the teacher block:\nall blocks "
      "between student and teacher near 1 = collapse", "block", "cosine to the teacher block"),
-    ("relative_update", "(e) each block's relative update ||h_k - h_(k-1)|| / ||h_(k-1)||:\nhow "
+    ("relative_update", "(f) each block's relative update ||h_k - h_(k-1)|| / ||h_(k-1)||:\nhow "
      "much the block writes to the residual stream (h_0: input tokens)", "block",
      "relative update, mean over tokens"))
 
 
 def compare_figure(arms: list, path: str):
-    """Panels (a)-(e) and (g) as PANELS titles them, each the mean over an arm's seeds with a
-    min..max band, and (f) each arm's last sample grid. Colour = arm, line style = which t."""
+    """The panels of TOP_PANELS and BOTTOM_PANELS, each the mean over an arm's seeds with a
+    min..max band, and (g) each arm's last sample grid. Colour = arm, line style = which t."""
     try:  # a Figure of its own, not pyplot's: files only, no display needed
         import matplotlib
         from matplotlib.figure import Figure
@@ -598,17 +613,21 @@ def compare_figure(arms: list, path: str):
                  if isinstance(name, tuple)}, reverse=True)
     colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"] * len(arms)
     styles = ["-", "--", ":", "-."] * len(ts)
-    fig = Figure(figsize=(26, 11.5), layout="constrained")
-    grid = fig.add_gridspec(2, 4)
-    axes = {name: fig.add_subplot(grid[i // 4, i % 4]) for i, (name, *_) in enumerate(PANELS)}
-    ax_sync = axes["fm"].twinx()
+    has_fid = any(seeds(arm, "fid") for arm in arms)
+    top = [panel for panel in TOP_PANELS if panel[0] != "fid" or has_fid]  # no empty panel
+    panels = [*top, *BOTTOM_PANELS]
+    fig = Figure(figsize=(6.5 * len(top), 11.5), layout="constrained")
+    grid = fig.add_gridspec(2, len(top))
+    cells = [grid[0, i] for i in range(len(top))] + [grid[1, 0], grid[1, 1]]
+    axes = {name: fig.add_subplot(cell) for (name, *_), cell in zip(panels, cells)}
     reference = baseline_arm(arms) or arms[0]
     base = dict(zip(*over_seeds(seeds(reference, "fm"))[:2]))  # {step: the reference's mean fm}
     for arm, colour in zip(arms, colours):
         band(axes["fm"], [{x: 100 * (y / base[x] - 1) for x, y in curve.items() if x in base}
                           for curve in seeds(arm, "fm")], colour)  # % above the reference
-        band(ax_sync, seeds(arm, "layersync"), colour, "--")
-        band(axes["fid"], seeds(arm, "fid"), colour, "-", "o")
+        band(axes["layersync"], seeds(arm, "layersync"), colour)
+        if has_fid:
+            band(axes["fid"], seeds(arm, "fid"), colour, "-", "o")
         for t, style in zip(ts, styles):
             band(axes["student"], seeds(arm, ("student", t)), colour, style, "o")
             for table, _, _ in BLOCK_TABLES:
@@ -617,7 +636,7 @@ def compare_figure(arms: list, path: str):
                     if k in mean:
                         axes[table].plot(k, mean[k], marker, markersize=13, color=colour,
                                          markeredgecolor="black")
-    for ax, (_, title, xlabel, ylabel) in zip(axes.values(), PANELS):
+    for ax, (_, title, xlabel, ylabel) in zip(axes.values(), panels):
         ax.set(title=title.format(ref=reference.label), xlabel=xlabel,
                ylabel=ylabel.format(ref=reference.label))
         if xlabel == "block":
@@ -625,16 +644,12 @@ def compare_figure(arms: list, path: str):
         if "chance" in ylabel:
             ax.axhline(100 / arms[0].runs[0].config["model"]["num_classes"], color="grey",
                        linewidth=0.8, linestyle=":")
-    ax_sync.set_ylabel("LayerSync term, Eq. 2: -cosine (dashed)")
-    if not any(seeds(arm, "fid") for arm in arms):
-        axes["fid"].text(0.5, 0.5, "no fid.csv in these runs:\npython sample.py --fid RUN_DIR",
-                         ha="center", transform=axes["fid"].transAxes)
-    for arm, spec in zip(arms, grid[1, 2:].subgridspec(1, len(arms))):  # (f) the last grids
+    for arm, spec in zip(arms, grid[1, 2:].subgridspec(1, len(arms))):  # (g) the last grids
         ax = fig.add_subplot(spec)
         ax.axis("off")
         if arm.runs[0].grid:
             ax.imshow(Image.open(arm.runs[0].grid), interpolation="nearest")
-            ax.set_title(f"(f) {arm.label}:\n{os.path.basename(arm.runs[0].grid)}", fontsize=9)
+            ax.set_title(f"(g) {arm.label}:\n{os.path.basename(arm.runs[0].grid)}", fontsize=9)
     fig.legend(handles=[Line2D([], [], color=colour, linestyle=style, marker=marker, label=label,
                                markersize=10, markeredgecolor="black")
                         for colour, style, marker, label in legend(arms, colours, ts, styles)],
@@ -644,13 +659,11 @@ def compare_figure(arms: list, path: str):
 
 
 def legend(arms: list, colours: list, ts: list, styles: list) -> list:
-    """The figure's keys, (colour, line style, marker, label): arms, noise levels, the pair, (a)."""
+    """The figure's keys, (colour, line style, marker, label): arms, noise levels, the pair."""
     return ([(colour, "-", None, f"{arm.label} ({len(arm.runs)} seed{'s' * (len(arm.runs) > 1)})")
              for arm, colour in zip(arms, colours)]
             + [("black", style, None, f"probe at t={t:g}") for t, style in zip(ts, styles)]
-            + [("grey", "none", "v", "student block"), ("grey", "none", "*", "teacher block"),
-               ("black", "-", None, "(a) fm, left axis"),
-               ("black", "--", None, "(a) LayerSync, right axis")])
+            + [("grey", "none", "v", "student block"), ("grey", "none", "*", "teacher block")])
 
 
 # ------------------------------------------------------------------ main
@@ -671,7 +684,7 @@ def write_outputs(args):
         return fid_of_run(args)
     loaded = load_model(args)
     labels = check_flags(args, loaded)
-    fid_options = prepare_fid(args, loaded.config) if args.fid else None
+    fid_options = prepare_fid(args, loaded) if args.fid else None
     encode, decode = load_vae(args) if loaded.model.in_channels == 4 else (None, None)
     if args.probe:
         probe_checkpoint(args, loaded, encode)
@@ -687,7 +700,7 @@ def write_outputs(args):
     print(f"{len(images)} images from {loaded.name}, {args.method} {args.steps} steps, cfg "
           f"{args.cfg_scale}" + "".join(f"; wrote {out}" for out in (args.grid, args.npz) if out))
     if args.fid:
-        print(f"FID against {loaded.config['data']} ({len(images)} samples): "
+        print(f"FID against {loaded.data} ({len(images)} samples): "
               f"{compute_fid(images, fid_options):.2f}")
 
 

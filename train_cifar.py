@@ -79,7 +79,7 @@ def parse_args(argv=None):
     s.add_argument("--layersync-pairs", help="'k:k2,...' 1-indexed blocks, student k < teacher k2 "
                    "(default: 8:16 of 28 scaled to the depth, 3:7 for 12 blocks)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, default=100_000, help="total optimiser steps")
+    o.add_argument("--steps", type=int, default=50_000, help="total optimiser steps")
     o.add_argument("--batch-size", type=int, default=256, help="the global batch")
     o.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     o.add_argument("--weight-decay", type=float, default=0.0)
@@ -99,7 +99,7 @@ def parse_args(argv=None):
     r.add_argument("--sample-every", type=int, default=10_000)
     r.add_argument("--sample-steps", type=int, default=50, help="Heun steps for the sample grids")
     r.add_argument("--ckpt-every", type=int, default=5_000)
-    r.add_argument("--keep-every", type=int, default=10_000, help="keep the EMA weights as "
+    r.add_argument("--keep-every", type=int, default=5_000, help="keep the EMA weights as "
                    "<out>/ema_<step>.pt, for sample.py --fid RUN_DIR (0 = none)")
     r.add_argument("--probe-every", type=int, help="linear probe of every block into "
                    "<out>/probe.csv (default: --sample-every; 0 = off)")
@@ -108,7 +108,10 @@ def parse_args(argv=None):
         p.print_usage = p.print_help = lambda *_, **__: None
         p.exit = lambda status=0, message=None: sys.exit(status)
     args = p.parse_args(argv)
-    args.changed = flags_from_checkpoint(p, argv, args) if args.resume else {}
+    changed = {}
+    if args.resume:  # a flag not given is the checkpoint's
+        args, changed = flags_from_checkpoint(p, argv, args.out)
+    args.changed = changed
     args.probe_every = args.sample_every if args.probe_every is None else args.probe_every
     args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
     args.compile = args.device.type == "cuda" and not args.no_compile
@@ -154,25 +157,23 @@ def probe_levels(text: str) -> list:
     return ts
 
 
-def flags_from_checkpoint(parser, argv, args) -> dict:
-    """--resume: every run flag not given is the checkpoint's. A given one changes a setting (the
-    changes are returned, {flag: [old, new]}, to be listed and kept in the run's history), or is
-    refused if it contradicts the model, the data or the LayerSync arm (check_resume_config)."""
-    path = os.path.join(args.out, "last.pt")
-    stored = load_checkpoint(path)["config"]["flags"] if os.path.exists(path) else {}
-    for action in parser._actions:  # parse again, keeping only what the command line gave
-        action.default = argparse.SUPPRESS
-    given = vars(parser.parse_args(argv))
-    for name, value in stored.items():
-        if name not in given:
-            setattr(args, name, value)
+def flags_from_checkpoint(parser, argv, out: str) -> tuple:
+    """--resume: the checkpoint's run flags become the parser's defaults, so that a flag not given
+    is the checkpoint's and a given one changes that setting. Returns the flags and the changes,
+    {flag: [old, new]}, to be listed and kept in the run's history (check_resume_config refuses
+    a change of the model, the data or the LayerSync arm)."""
+    path = os.path.join(out, "last.pt")
+    if not os.path.exists(path):  # prepare() says so
+        return parser.parse_args(argv), {}
+    stored = load_checkpoint(path)["config"]["flags"]
+    parser.set_defaults(**stored)
+    args = parser.parse_args(argv)
     changes = {}
-    for name in RUN_FLAGS:
-        if name in given and name in stored and stored[name] != getattr(args, name):
-            changes[name] = [stored[name], getattr(args, name)]
-    changes.pop("data", None)  # given as typed: prepare() compares the resolved paths
-    changes.pop("data_dir", None)
-    return changes
+    # data and pairs as typed: prepare() compares the resolved ones (and refuses other pairs)
+    for name, old in stored.items():
+        if name not in ("data", "data_dir", "layersync_pairs") and getattr(args, name) != old:
+            changes[name] = [old, getattr(args, name)]
+    return args, changes
 
 
 def check_args(args):
@@ -333,11 +334,13 @@ def train(args):
     parts = build(args, run.config["model"], device)
     batches = DeviceBatches(run.images, run.labels, args.batch_size, args.seed, device, args.hflip)
     step = resume(run.checkpoint, parts, batches, args) if run.checkpoint else 0
+    elapsed = run.checkpoint["elapsed_s"] if run.checkpoint else 0
+    run.checkpoint = None  # its tensors are copied into the model, EMA and optimizer: freed
     say(describe_run(args, run, parts.model))
     metrics = CsvLog(os.path.join(args.out, "metrics.csv"), METRICS_FIELDS, step)
     probes = run.probe_data and CsvLog(os.path.join(args.out, "probe.csv"), PROBE_FIELDS, step)
     non_finite, signals = NonFiniteWatch(device, ckpt_path), StopSignals(device)
-    log = Interval(step, args, run.checkpoint["elapsed_s"] if run.checkpoint else 0)
+    log = Interval(step, args, elapsed)
     bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, disable=not master_process)
     due = lambda every: every and (step % every == 0 or step == args.steps)  # noqa: E731
     outputs = (args.ckpt_every, args.keep_every, args.sample_every, args.probe_every)
@@ -357,15 +360,18 @@ def train(args):
             stop_signal = signals.agreed(step, args.steps)  # every rank stops at the same step
             if stop_signal or any(map(due, outputs)):
                 non_finite.check()  # nothing is saved, drawn or probed from non-finite weights
-            if due(args.ckpt_every) or stop_signal:  # first: nothing after it can lose the run
-                save(ckpt_path, parts, step, run.config, batches, time.perf_counter() - log.start)
             if due(args.keep_every):  # an EMA snapshot kept for good: FID over training
-                save(os.path.join(args.out, f"ema_{step:07d}.pt"), parts, step, run.config)
+                save_snapshot(os.path.join(args.out, f"ema_{step:07d}.pt"), parts, step, run.config)
+            if probes and due(args.probe_every):  # every block, on rank 0 only
+                on_rank_0(probe_into, probes, parts.ema, run.probe_data, args, step)
+            # last.pt after this step's snapshot and probe rows: if one of them cannot be written,
+            # the resume starts before this step and writes it again
+            if due(args.ckpt_every) or stop_signal:
+                save_checkpoint(ckpt_path, parts, step, run.config, batches,
+                                time.perf_counter() - log.start)
             if due(args.sample_every) and master_process:  # EMA samples, the same noise each time
                 png = os.path.join(args.out, f"samples_{step:07d}.png")
                 sample_grid(parts.ema, run.config["model"], png, args.sample_steps, args.precision)
-            if probes and due(args.probe_every):  # every block, on rank 0 only
-                on_rank_0(probe_into, probes, parts.ema, run.probe_data, args, step)
             log.time += time.perf_counter() - pause  # img_per_s counts training time only
     finally:
         signals.restore()
@@ -457,10 +463,13 @@ def make_out(args, run_id: str):
 def prepare(args):
     """Everything that can refuse the run, before the model is built; None: nothing to do."""
     ckpt_path = os.path.join(args.out, "last.pt")
-    if not args.resume and (os.path.exists(ckpt_path) or glob.glob(SNAPSHOTS, root_dir=args.out)):
-        fail(f"{args.out} holds a run (last.pt or ema_<step>.pt): pass --resume to continue that "
-             f"run, or choose another --out")
-    checkpoint = load_checkpoint(ckpt_path) if args.resume else None
+    if not args.resume and os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    if not args.resume and glob.glob(SNAPSHOTS, root_dir=args.out):  # a run stopped before last.pt
+        fail(f"{args.out} holds snapshots (ema_<step>.pt) of an earlier run that saved no last.pt "
+             f"to resume: remove them, or choose another --out")
+    # read whole, not memory-mapped: a mapped last.pt would keep its disk space once replaced
+    checkpoint = load_checkpoint(ckpt_path, mmap=False) if args.resume else None
     if checkpoint is not None:  # before anything is written
         check_one_run(args.out, "--resume")
     images, labels, classes = load_data(args.data, args.data_dir, args.image_size)
@@ -528,7 +537,7 @@ def writes_between(start: int, end: int, every: int) -> int:
 
 def in_units(size: float) -> str:
     """A number of bytes as people read it: 1234567 -> '1.23 MB'."""
-    for unit in ("bytes", "kB", "MB", "GB"):
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
         if size < 1000:
             break
         size /= 1000
@@ -546,36 +555,48 @@ def existing_parent(path: str) -> str:
 def describe_run(args, run, model) -> str:
     """The model that runs (preset, what changed it, shape), LayerSync, the data, the device."""
     c, preset = run.config["model"], SiT_models[args.model].keywords
-    changed = "".join(f" --{k.replace('_', '-')}" for k in OVERRIDES if c[k] != preset[k])
-    weight, size = args.layersync_weight, c["input_size"]
-    return (f"{args.model}{' changed by' + changed if changed else ''}: depth {c['depth']}, width "
-            f"{c['hidden_size']}, {c['num_heads']} heads, patch {c['patch_size']}, {size}x{size} "
-            f"images, {sum(p.numel() for p in model.parameters()):,} parameters, "
-            f"{train_flops_per_image(c) / 1e9:.3g} GFLOP per training image; LayerSync "
-            f"{'off (baseline)' if weight == 0 else f'lambda {weight}'}, pairs {args.pairs}; "
-            f"{len(run.images)} images in {len(run.classes)} classes, flips "
-            f"{'on' if args.hflip else 'off'}; {args.device.type} {args.precision}"
-            f"{f', {ddp_world_size} processes' if ddp else ''}")
+    changed = [f"--{k.replace('_', '-')}" for k in OVERRIDES if c[k] != preset[k]]
+    name = f"{args.model} changed by {' '.join(changed)}" if changed else args.model
+    shape = (f"depth {c['depth']}, width {c['hidden_size']}, {c['num_heads']} heads, patch "
+             f"{c['patch_size']}, {c['input_size']}x{c['input_size']} images")
+    size = (f"{sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"{train_flops_per_image(c) / 1e9:.3g} GFLOP per training image")
+    if args.layersync_weight == 0:
+        layersync = f"LayerSync off (baseline), pairs {args.pairs}"
+    else:
+        layersync = f"LayerSync lambda {args.layersync_weight}, pairs {args.pairs}"
+    data = (f"{len(run.images)} images in {len(run.classes)} classes, flips "
+            f"{'on' if args.hflip else 'off'}")
+    device = f"{args.device.type} {args.precision}"
+    if ddp:
+        device += f", {ddp_world_size} processes"
+    return f"{name}: {shape}, {size}; {layersync}; {data}; {device}"
 
 
 # ------------------------------------------------------------------ checkpoints
-def save(path: str, parts, step: int, config: dict, batches=None, elapsed_s=0.0):
-    """The whole training state and the run's seconds (for metrics.csv), or without `batches` an EMA
-    snapshot (ema, step, config); rank 0 writes, and a failed write stops every rank in one line."""
-    state = {"ema": parts.ema.state_dict(), "step": step, "config": config}
-    if batches is not None:  # the data order (shared) and every rank's own torch/CUDA generators
-        generators = {"torch": torch.get_rng_state()}
-        if batches.device.type == "cuda":
-            generators["cuda"] = torch.cuda.get_rng_state(batches.device)
-        ranks = [generators] * ddp_world_size  # under torchrun, filled by the gather below
-        if ddp:
-            dist.all_gather_object(ranks, generators)
-        state.update(model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
-                     rng={"data": batches.state_dict(), "ranks": ranks}, elapsed_s=elapsed_s)
+def save_checkpoint(path: str, parts, step: int, config: dict, batches, elapsed_s: float):
+    """last.pt: the whole training state, enough to continue bit for bit, and the run's seconds
+    (for metrics.csv). Rank 0 writes; a failed write stops every rank in one line."""
+    generators = {"torch": torch.get_rng_state()}  # this rank's own noise, t and dropout streams
+    if batches.device.type == "cuda":
+        generators["cuda"] = torch.cuda.get_rng_state(batches.device)
+    ranks = [generators] * ddp_world_size  # under torchrun, filled by the gather below
+    if ddp:
+        dist.all_gather_object(ranks, generators)
+    state = {"model": parts.model.state_dict(), "ema": parts.ema.state_dict(),
+             "optimizer": parts.optimizer.state_dict(), "step": step, "config": config,
+             "rng": {"data": batches.state_dict(), "ranks": ranks}, "elapsed_s": elapsed_s}
     on_rank_0(write_atomically, path, lambda f: torch.save(state, f))  # torch writes through f
 
 
-def read_torch_file(path: str):
+def save_snapshot(path: str, parts, step: int, config: dict):
+    """ema_<step>.pt, kept for good: the EMA weights, the step and the config, for FID over
+    training (sample.py --fid RUN_DIR)."""
+    state = {"ema": parts.ema.state_dict(), "step": step, "config": config}
+    on_rank_0(write_atomically, path, lambda f: torch.save(state, f))
+
+
+def read_torch_file(path: str, mmap: bool = True):
     """torch.load(path) as data, never as code, or one line saying what the file is instead. A
     folder reads its last.pt."""
     path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
@@ -586,7 +607,7 @@ def read_torch_file(path: str):
     try:  # weights_only: the file is data; mmap: under torchrun the processes share one copy
         # argparse.Namespace holds plain values: the official SiT and LayerSync train.py's flags
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:  # refused before anything in it ran
         needs = (re.search(r"GLOBAL ([\w.]+)", str(error)) or [None, "a pickled object"])[1]
         fail(f"{path} needs code to load ({needs}), so it was not loaded; a model saved whole with "
@@ -595,9 +616,9 @@ def read_torch_file(path: str):
         fail(f"cannot read checkpoint {path} ({type(error).__name__}: {error})")
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, mmap: bool = True) -> dict:
     """A train_cifar.py checkpoint, or a one-line error saying why it is not one."""
-    checkpoint = read_torch_file(path)
+    checkpoint = read_torch_file(path, mmap)
     saved = checkpoint.keys() if isinstance(checkpoint, dict) else set()
     missing = sorted({"model", "ema", "optimizer", "step", "config", "rng", "elapsed_s"} - saved)
     if "config" in saved:  # and in it, what identifies the run
@@ -637,8 +658,7 @@ def resume(checkpoint: dict, parts, batches, args) -> int:
 def check_resume_config(old: dict, new: dict, path: str):
     """Model, data, classes (labels would shift), seed (resumed streams ignore it) and the LayerSync
     arm (a baseline continued with LayerSync would be neither arm) must match."""
-    old, new = ({**config["model"], **{k: config.get(k) for k in FIXED_FOR_A_RUN}}
-                for config in (old, new))
+    old, new = fixed_for_a_run(old), fixed_for_a_run(new)
     diff = [f"{k}: {old.get(k)} in the checkpoint, {new.get(k)} now" for k in sorted(old | new)
             if old.get(k) != new.get(k)]
     if diff:
@@ -646,7 +666,14 @@ def check_resume_config(old: dict, new: dict, path: str):
              f"model, data, seed and LayerSync flags, or start a new run in another --out")
 
 
-FIXED_FOR_A_RUN = ("data", "classes", "seed", "layersync_weight", "layersync_pairs")  # and model
+def fixed_for_a_run(config: dict) -> dict:
+    """What a resume may not change: the model's keywords, the data, its classes, the seed and the
+    LayerSync weight and pairs."""
+    fixed = dict(config["model"])
+    for key in ("data", "classes", "seed", "layersync_weight", "layersync_pairs"):
+        fixed[key] = config.get(key)
+    return fixed
+
 SNAPSHOTS = "ema_*.pt"  # EMA snapshots kept for good, ema_<step>.pt
 RUN_ID_FILE = "run_id.txt"  # the id of the run that writes the folder, made at its start
 
@@ -866,6 +893,10 @@ def sample_grid(ema, config: dict, path: str, steps: int, precision: str):
 class WriteFailed(Exception):
     """A file could not be written (a full disk, a quota, a file-size limit); says which and why."""
 
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"could not write {path} ({reason})")
+        self.path = path
+
 
 @contextmanager
 def failing_write(path: str):
@@ -877,7 +908,7 @@ def failing_write(path: str):
         cause = error if isinstance(error, OSError) else error.__context__
         if not isinstance(cause, OSError):
             raise
-        raise WriteFailed(f"could not write {path} ({cause.strerror or cause})") from None
+        raise WriteFailed(path, cause.strerror or str(cause)) from None
 
 
 def write_atomically(path: str, write):
@@ -918,8 +949,11 @@ def on_rank_0(write, *args):
         try:
             write(*args)
         except WriteFailed as error:
-            failure = (f"error: {error}; the files written before it are whole, and last.pt holds "
-                       f"the last saved state: make room, then rerun with --resume")
+            if os.path.exists(os.path.join(os.path.dirname(error.path), "last.pt")):
+                advice = "last.pt holds the last saved state: make room, then rerun with --resume"
+            else:
+                advice = "no last.pt was saved yet: make room, then start the run again"
+            failure = f"error: {error}; the files written before it are whole, and {advice}"
     stop_together(failure)
 
 
