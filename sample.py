@@ -29,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from layersync import SiT, check_layersync_pairs, default_layersync_pair, sit_from_official
-# the trainer's own formats (files, data, the probe, samples as pixels) and two of its flag checks
+# the trainer's own formats (files, data, the probe, samples as pixels), two of its flag checks,
+# and its safe writes (whole or not at all) and disk-space helpers
 from train_cifar import (WriteFailed, append_rows, check_one_run, device_arg, existing_parent,
                          in_units, load_data, probe_levels, probe_split, read_torch_file,
                          run_probe, sample_pixels, save_grid, write_atomically)
