@@ -521,7 +521,8 @@ def ridge_probe_accuracy(fit_x, fit_y, test_x, test_y, num_classes: int,
     form, so deterministic, nothing to tune, one D x D solve."""
     mean, std = fit_x.double().mean(0), fit_x.double().std(0).clamp_min(1e-6)
     x, z = (fit_x.double() - mean) / std, (test_x.double() - mean) / std
-    targets = F.one_hot(fit_y.long(), num_classes).double()
+    # the labels follow the features: a caller may keep them on the CPU (train_cifar.probe_split)
+    targets = F.one_hot(fit_y.to(x.device).long(), num_classes).double()
     prior = targets.mean(0)  # x is centred, so the bias is the class frequency
     gram = x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     weights = torch.linalg.solve(gram, x.T @ (targets - prior))

@@ -6,6 +6,7 @@ refusals; signals and crashes; the probe; sample and compare; torchrun; CUDA (sk
 GPU) and the dry run of the prepared GPU script, .ci/gpu.
 """
 
+import argparse
 import copy
 import csv
 import errno
@@ -2572,6 +2573,117 @@ def test_cuda_probe_in_bf16_agrees_with_fp32(trained_colour_model):
     for t, blocks in probes["fp32"].accuracy.items():
         for k, accuracy in blocks.items():  # within 5 points at every block and noise level
             assert abs(probes["bf16"].accuracy[t][k] - accuracy) <= 0.05, (t, k)
+
+
+# ---------------------------------------------------------------- the CUDA paths, on a CPU
+# No GPU has run these paths, and on a CPU every tensor shares one device, so a tensor left on the
+# CPU goes unseen. torch's fake tensors carry a device but no data: under FakeTensorMode a model
+# on "cuda" runs on a CPU-only machine, and a CPU tensor meeting it raises the GPU's own error
+# (FakeTensorDeviceMismatchError). Each test below moves the model as train_cifar.build does and
+# keeps the callers' tensors where the scripts keep them. Not covered: the backward and AdamW (the
+# fake tensors have no gradients to step), what needs a value (.item(), a grid's pixels, an npz),
+# the CUDA RNG state of a checkpoint, torch.compile and DDP.
+
+try:  # torch's private API: the tests that use it skip without it
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+except ImportError:
+    FakeTensorMode = None
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """`with fake_cuda():` fake tensors, on device "cuda" on any machine, with bf16 autocast left
+    on there (torch turns it off where no GPU is visible: a check of the machine, not the tensors).
+    Models are built before it, as real CPU tensors, and moved inside it."""
+    if FakeTensorMode is None:
+        pytest.skip("this torch has no torch._subclasses.fake_tensor.FakeTensorMode")
+    monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    return lambda: FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def reaches_item(run) -> str:
+    """run() on fake tensors up to the first value it needs; returns the project's line that
+    asked for that value."""
+    with pytest.raises(DataDependentOutputException) as needed:
+        run()
+    ours = [entry for entry in needed.traceback
+            if entry.path.name in ("layersync.py", "train_cifar.py", "sample.py")]
+    return str(ours[-1].statement)
+
+
+def test_fake_cuda_training_forward_in_bf16_from_the_device_batches(fake_cuda):
+    images, labels = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8), torch.arange(16) % 5
+    model = tiny_sit()
+    with fake_cuda():
+        model.to(GPU)  # SiT(**config).to(device), as train_cifar.build
+        batches = train_cifar.DeviceBatches(images, labels, 8, seed=0, device=GPU)  # CPU data in
+        x, y = batches.next()
+        assert x.device.type == y.device.type == "cuda" and x.dtype == torch.float32
+        with train_cifar.autocast(GPU, "bf16"):
+            velocity = model(x, torch.rand(8, device=GPU), y)
+            losses = L.training_loss(model, x, y, [(1, 3)], 0.2)
+    assert velocity.dtype == torch.bfloat16  # autocast really ran in bf16
+    for key in ("loss", "fm", "layersync"):  # the loss in fp32, on the device
+        assert losses[key].dtype == torch.float32 and losses[key].device.type == "cuda", key
+
+
+def test_fake_cuda_record_blocks_and_the_loss(fake_cuda):
+    model = tiny_sit()
+    x, y = batch(model)
+    with fake_cuda():
+        model.to(GPU)
+        with train_cifar.autocast(GPU, "bf16"), L.record_blocks(model.blocks, [1, 3]) as out:
+            model(x.to(GPU), torch.rand(len(x), device=GPU), y.to(GPU))
+        loss = L.layersync_loss(out[1], out[3])
+    assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == "cuda"
+
+
+def test_fake_cuda_probe_keeps_labels_where_the_caller_has_them(fake_cuda):
+    """linear_probe and train_cifar.run_probe, given probe_split's CPU images and labels, run on
+    the device up to the accuracy's value; labels left on the CPU raise a device mismatch."""
+    model = tiny_sit(num_classes=4).eval()
+    images, labels = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40) % 4
+    data = train_cifar.probe_split("folder", "", images, labels)
+    assert data.fit[0].device.type == data.fit[1].device.type == "cpu"
+    with fake_cuda():
+        model.to(GPU)
+        line = reaches_item(lambda: L.linear_probe(model, data.fit, data.scored, [0.5], 3))
+        assert ".item()" in line, line
+        line = reaches_item(lambda: train_cifar.run_probe(model, data, [1.0], [(1, 3)], "bf16"))
+        assert ".item()" in line, line
+
+
+def test_fake_cuda_sampling_with_guidance_for_grids_and_sample_py(fake_cuda):
+    model = tiny_sit().eval()
+    noise, labels = torch.randn(6, 3, 8, 8), torch.arange(6) % 5  # on the CPU, as the scripts draw
+    args = argparse.Namespace(seed=0, batch_size=4, steps=2, method="heun", cfg_scale=4.0,
+                              device=GPU)
+    loaded = sample_script.Loaded(model, 10, "bf16", "step 10", 8, [[1, 3]], "cifar10", None)
+    with fake_cuda():
+        model.to(GPU)
+        x = L.sample(L.guided_velocity(model, labels.to(GPU), cfg_scale=4.0), noise.to(GPU), 2)
+        assert x.shape == noise.shape and x.device.type == "cuda"
+        pixels = train_cifar.sample_pixels(model, noise.to(GPU), labels.to(GPU), 2, "bf16",
+                                           cfg_scale=4.0)  # training's grids
+        assert pixels.dtype == torch.uint8 and pixels.device.type == "cuda"
+        images = sample_script.generate(args, loaded, labels)  # what --grid and --npz write
+        assert images.shape == (6, 8, 8, 3) and images.dtype == torch.uint8
+        assert images.device.type == "cpu"
+        images[labels.argsort(stable=True)]  # --grid orders them by class, on the CPU
+
+
+def test_fake_cuda_vae_encodes_cpu_images_and_decodes_on_the_device(fake_cuda, tmp_path,
+                                                                      monkeypatch):
+    diffusers = pytest.importorskip("diffusers", reason="the VAE path needs diffusers")
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_vae(tmp_path / "vae"))  # real, on the CPU
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", lambda name: vae)
+    with fake_cuda():
+        encode, decode = sample_script.load_vae(argparse.Namespace(vae=None, device=GPU))
+        latents = encode(torch.rand(3, 3, 32, 32) * 2 - 1)  # the probe's images, on the CPU
+        assert latents.shape == (3, 4, 4, 4) and latents.device.type == "cpu"
+        images = decode(latents.to(GPU))  # sample_pixels decodes the sampler's output
+        assert images.shape == (3, 3, 32, 32) and images.device.type == "cuda"
 
 
 def test_gpu_script_dry_run_measures_and_projects(tmp_path):
