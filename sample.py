@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections import namedtuple
 
 import numpy as np
@@ -29,15 +28,10 @@ import torch
 from tqdm import tqdm
 
 from layersync import SiT, check_layersync_pairs, default_layersync_pair, sit_from_official
-# the trainer's own formats (files, data, the probe, samples as pixels), two of its flag checks,
-# and its safe writes (whole or not at all) and disk-space helpers
-from train_cifar import (WriteFailed, append_rows, check_one_run, device_arg, existing_parent,
-                         in_units, load_data, probe_levels, probe_split, read_torch_file,
-                         run_probe, sample_pixels, save_grid, write_atomically)
-
-
-def fail(message: str):  # one line, no traceback, as in train_cifar.py
-    raise SystemExit(f"error: {message}")
+# through the trainer's door: the run folder (its files, read safely and written whole), the data,
+# the probe, samples as pixels, two of its flag checks and its one-line error
+from train_cifar import (RunFolder, device_arg, fail, load_data, probe_levels, probe_split,
+                         run_probe, sample_pixels)
 
 
 def parse_args(argv=None):
@@ -121,19 +115,11 @@ OFFICIAL_KEYS = {"model", "ema", "opt", "args"}  # what the official SiT / Layer
 RUN_KEYS = {"ema", "step", "config"}  # in a train_cifar.py checkpoint, and all of an EMA snapshot
 
 
-def run_checkpoint(path: str) -> dict:
-    """A train_cifar.py checkpoint or EMA snapshot, or one line saying why it is not one."""
-    checkpoint = read_torch_file(path)
-    if not (isinstance(checkpoint, dict) and RUN_KEYS <= checkpoint.keys()):
-        fail(f"{path} is not a train_cifar.py checkpoint or snapshot (ema, step, config)")
-    return checkpoint
-
-
 def load_model(args, path=None) -> Loaded:
     """The SiT of a train_cifar.py checkpoint or EMA snapshot, a bare official state dict or an
     official train.py checkpoint, told apart by their content; EMA weights unless --no-ema."""
     path, kind = path or args.ckpt, "raw weights" if args.no_ema else "EMA weights"
-    checkpoint = read_torch_file(path)
+    checkpoint = RunFolder.read(path)
     weights, is_dict = "model" if args.no_ema else "ema", isinstance(checkpoint, dict)
     if is_dict and RUN_KEYS <= checkpoint.keys():
         if weights not in checkpoint:
@@ -199,15 +185,10 @@ def check_flags(args, loaded: Loaded) -> torch.Tensor:
 
 
 def check_npz_space(path: str, n: int, side: int):
-    """--npz holds n uint8 images (side x side x 3) and n int64 labels, uncompressed: refused in
-    one line if they cannot fit where it goes, a warning if they would leave under a fifth."""
-    need, free = n * (side * side * 3 + 8), shutil.disk_usage(existing_parent(path)).free
-    what = f"--npz {path}: {n} images of {side}x{side} take {in_units(need)}"
-    if need > free:
-        fail(f"{what}, but only {in_units(free)} are free there: write it elsewhere, give a "
-             f"smaller --n, or free some space")
-    if free - need < free / 5:
-        print(f"warning: {what}, leaving {in_units(free - need)} of the {in_units(free)} free")
+    """--npz holds n uint8 images (side x side x 3) and n int64 labels, uncompressed."""
+    what = f"--npz {path}: {n} images of {side}x{side}"
+    RunFolder.check_space(path, n * (side * side * 3 + 8), what,
+                          "write it elsewhere, give a smaller --n, or free some space")
 
 
 def load_vae(args) -> tuple:
@@ -318,11 +299,12 @@ def fid_of_run(args):
     """Each snapshot not yet in fid.csv with these settings, oldest first, a row written as soon as
     it is scored; all see the same noise and labels (--seed): arms differ only by their weights."""
     folder, path = args.fid_run, os.path.join(args.fid_run, "fid.csv")
-    check_one_run(folder, "--fid")
+    RunFolder.check_one_run(folder, "--fid")
     snapshots = {int(m[1]): os.path.join(folder, m[0]) for m in
                  (re.fullmatch(r"ema_(\d+)\.pt", name) for name in os.listdir(folder)) if m}
-    if os.path.isfile(os.path.join(folder, "last.pt")):  # its step, unless a snapshot has it
-        snapshots.setdefault(run_checkpoint(folder)["step"], os.path.join(folder, "last.pt"))
+    last = os.path.join(folder, "last.pt")
+    if os.path.isfile(last):  # its step, unless a snapshot has it
+        snapshots.setdefault(RunFolder.load_checkpoint(last)["step"], last)
     if not snapshots:
         fail(f"--fid {folder}: no checkpoint in it (ema_<step>.pt or last.pt of train_cifar.py)")
     settings = {"n": args.n or 10_000} | {k: getattr(args, k) for k in FID_FIELDS[3:]}
@@ -337,7 +319,7 @@ def fid_of_run(args):
             labels, options = check_flags(args, loaded), prepare_fid(args, loaded)
         fid = compute_fid(generate(args, loaded, labels), options)
         as_read_back = {k: str(v) for k, v in settings.items()}  # as `done` compares them
-        append_rows(path, FID_FIELDS, [{"step": step, "fid": f"{fid:.6g}", **as_read_back}])
+        RunFolder.append(path, FID_FIELDS, [{"step": step, "fid": f"{fid:.6g}", **as_read_back}])
         print(f"step {step}: FID {fid:.2f} -> {path}")
 
 
@@ -369,6 +351,45 @@ def probe_checkpoint(args, loaded: Loaded, encode=None):
     print(f"probe rows: {path}")
 
 
+# ------------------------------------------------------------------ main
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        write_outputs(args)
+    except RunFolder.WriteFailed as error:  # a full disk: one line; what was written is whole
+        fail(f"{error}; no part of it is left, and the files written before it are whole")
+
+
+def write_outputs(args):
+    if args.compare:  # the numbers as text first, then the figure
+        arms = group_into_arms([read_run(folder) for folder in args.compare])
+        print(compare_table(arms))
+        return compare_figure(arms, args.figure)
+    if args.fid_run:
+        return fid_of_run(args)
+    loaded = load_model(args)
+    labels = check_flags(args, loaded)
+    fid_options = prepare_fid(args, loaded) if args.fid else None
+    encode, decode = load_vae(args) if loaded.model.in_channels == 4 else (None, None)
+    if args.probe:
+        probe_checkpoint(args, loaded, encode)
+        if not (args.grid or args.npz or args.fid):
+            return
+    images = generate(args, loaded, labels, decode)
+    if args.grid:  # one row per class: labels sorted, each class's images in drawing order
+        columns = len(labels) // len(labels.unique())
+        by_class = images[labels.argsort(stable=True)].permute(0, 3, 1, 2)
+        RunFolder.write_grid(by_class, args.grid, columns)
+    if args.npz:
+        arrays = {"arr_0": images.numpy(), "arr_1": labels.numpy()}
+        RunFolder.write(args.npz, lambda f: np.savez(f, **arrays))
+    print(f"{len(images)} images from {loaded.name}, {args.method} {args.steps} steps, cfg "
+          f"{args.cfg_scale}" + "".join(f"; wrote {out}" for out in (args.grid, args.npz) if out))
+    if args.fid:
+        print(f"FID against {loaded.data} ({len(images)} samples): "
+              f"{compute_fid(images, fid_options):.2f}")
+
+
 # ------------------------------------------------------------------ comparing runs, over seeds
 # Runs whose checkpoint configs differ only in the seed form one arm; every number is shown as the
 # mean over the arm's seeds with its spread (min..max), because two seeds of one configuration can
@@ -388,8 +409,8 @@ def read_run(folder: str) -> Run:
     metrics, ckpt = os.path.join(folder, "metrics.csv"), os.path.join(folder, "last.pt")
     if not (os.path.isfile(metrics) and os.path.isfile(ckpt)):
         fail(f"--compare {folder}: not a train_cifar.py run folder (it needs metrics.csv, last.pt)")
-    check_one_run(folder, "--compare")
-    config, rows = run_checkpoint(ckpt)["config"], read_csv(metrics)
+    RunFolder.check_one_run(folder, "--compare")
+    config, rows = RunFolder.load_checkpoint(ckpt)["config"], read_csv(metrics)
     curves = {name: {int(row["step"]): float(row[name]) for row in rows}
               for name in ("fm", "layersync")}
     fid = read_csv(os.path.join(folder, "fid.csv"))  # the rows with the settings of its last row
@@ -655,7 +676,7 @@ def compare_figure(arms: list, path: str):
                                markersize=10, markeredgecolor="black")
                         for colour, style, marker, label in legend(arms, colours, ts, styles)],
                loc="outside upper center", ncols=8, fontsize=11)  # one legend for every panel
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    RunFolder.write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     print(f"figure: {path}")
 
 
@@ -665,44 +686,6 @@ def legend(arms: list, colours: list, ts: list, styles: list) -> list:
              for arm, colour in zip(arms, colours)]
             + [("black", style, None, f"probe at t={t:g}") for t, style in zip(ts, styles)]
             + [("grey", "none", "v", "student block"), ("grey", "none", "*", "teacher block")])
-
-
-# ------------------------------------------------------------------ main
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        write_outputs(args)
-    except WriteFailed as error:  # a full disk: one line; what was written before is whole
-        fail(f"{error}; no part of it is left, and the files written before it are whole")
-
-
-def write_outputs(args):
-    if args.compare:  # the numbers as text first, then the figure
-        arms = group_into_arms([read_run(folder) for folder in args.compare])
-        print(compare_table(arms))
-        return compare_figure(arms, args.figure)
-    if args.fid_run:
-        return fid_of_run(args)
-    loaded = load_model(args)
-    labels = check_flags(args, loaded)
-    fid_options = prepare_fid(args, loaded) if args.fid else None
-    encode, decode = load_vae(args) if loaded.model.in_channels == 4 else (None, None)
-    if args.probe:
-        probe_checkpoint(args, loaded, encode)
-        if not (args.grid or args.npz or args.fid):
-            return
-    images = generate(args, loaded, labels, decode)
-    if args.grid:  # one row per class: labels sorted, each class's images in drawing order
-        columns = len(labels) // len(labels.unique())
-        save_grid(images[labels.argsort(stable=True)].permute(0, 3, 1, 2), args.grid, columns)
-    if args.npz:
-        arrays = {"arr_0": images.numpy(), "arr_1": labels.numpy()}
-        write_atomically(args.npz, lambda f: np.savez(f, **arrays))
-    print(f"{len(images)} images from {loaded.name}, {args.method} {args.steps} steps, cfg "
-          f"{args.cfg_scale}" + "".join(f"; wrote {out}" for out in (args.grid, args.npz) if out))
-    if args.fid:
-        print(f"FID against {loaded.data} ({len(images)} samples): "
-              f"{compute_fid(images, fid_options):.2f}")
 
 
 if __name__ == "__main__":

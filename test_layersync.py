@@ -1407,15 +1407,15 @@ def test_a_torch_file_the_disk_cannot_hold_is_one_failed_write(tmp_path):
     the limit falls: each is one WriteFailed naming the file, and leaves no file behind."""
     path = str(tmp_path / "big.pt")
     for limit in range(300_000, 316_000, 2_000):  # 1.2 MB of floats, cut at 8 points
-        with file_size_limit(limit), pytest.raises(train_cifar.WriteFailed) as failed:
-            train_cifar.write_atomically(path, lambda f: torch.save(torch.zeros(300_000), f))
+        with file_size_limit(limit), pytest.raises(train_cifar.RunFolder.WriteFailed) as failed:
+            train_cifar.RunFolder.write(path, lambda f: torch.save(torch.zeros(300_000), f))
         assert str(failed.value) == f"could not write {path} ({TOO_LARGE})"
         assert os.listdir(tmp_path) == []
 
     def unrelated(f):  # a bug while writing is not a full disk: it keeps its own traceback
         raise RuntimeError("a bug")
     with pytest.raises(RuntimeError, match="a bug"):
-        train_cifar.write_atomically(path, unrelated)
+        train_cifar.RunFolder.write(path, unrelated)
     assert os.listdir(tmp_path) == []
 
 
@@ -2497,7 +2497,7 @@ def test_cuda_compiled_step_matches_eager_without_recompiles(tmp_path, monkeypat
         x, y = torch.randn(8, 3, 8, 8, device=GPU), torch.arange(8, device=GPU) % 3
         fm[args.compile] = []
         for step in range(30):
-            losses, _ = train_cifar.train_step(args, parts, x, y, step, [(1, 2)], 0.2)
+            losses, _ = train_cifar.train_step(args, parts, x, y, step)  # pair (1, 2), lambda 0.2
             fm[args.compile].append(losses["fm"])
             graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[30] > 0 and graphs[30] == graphs[-1], graphs  # compiled once, at step 0
@@ -2717,7 +2717,7 @@ def test_gpu_script_dry_run_measures_and_projects(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")
 def test_gpu_script_without_a_gpu_stops_at_once(tmp_path):
-    """Real mode on a machine without CUDA: exit 1 within a minute, saying so, having run nothing."""
+    """Real mode without CUDA: exit 1 within a minute, saying so, having run nothing."""
     start = time.monotonic()
     result = subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu"), "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=60,

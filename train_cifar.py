@@ -7,8 +7,8 @@
 
 A run writes to --out: metrics.csv, probe.csv (a linear probe of every block), samples_<step>.png,
 ema_<step>.pt (EMA snapshots, for FID over training) and last.pt (the whole state). Read in order:
-the flags, the data, the training step (one AdamW step on Eq. 3), train(), the checkpoints; what a
-first reading can skip comes last.
+the flags, the data, the training step (one AdamW step on Eq. 3) and train(); then the run folder
+(RunFolder: what keeps a run whole on disk); what a first reading can skip comes last.
 """
 
 import argparse
@@ -157,25 +157,6 @@ def probe_levels(text: str) -> list:
     return ts
 
 
-def flags_from_checkpoint(parser, argv, out: str) -> tuple:
-    """--resume: the checkpoint's run flags become the parser's defaults, so that a flag not given
-    is the checkpoint's and a given one changes that setting. Returns the flags and the changes,
-    {flag: [old, new]}, to be listed and kept in the run's history (check_resume_config refuses
-    a change of the model, the data or the LayerSync arm)."""
-    path = os.path.join(out, "last.pt")
-    if not os.path.exists(path):  # prepare() says so
-        return parser.parse_args(argv), {}
-    stored = load_checkpoint(path)["config"]["flags"]
-    parser.set_defaults(**stored)
-    args = parser.parse_args(argv)
-    changes = {}
-    # data and pairs as typed: prepare() compares the resolved ones (and refuses other pairs)
-    for name, old in stored.items():
-        if name not in ("data", "data_dir", "layersync_pairs") and getattr(args, name) != old:
-            changes[name] = [old, getattr(args, name)]
-    return args, changes
-
-
 def check_args(args):
     """What argparse cannot check, refused in one line before any data is read."""
     for name, (rule, ok) in LIMITS.items():
@@ -293,10 +274,10 @@ def update_ema(ema_params, params, step: int, max_decay: float):
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-def train_step(args, parts, x, y, step: int, pairs: list, weight: float):
+def train_step(args, parts, x, y, step: int):
     """One AdamW step on Eq. 3, then the EMA. No host sync: what it returns stays on the device."""
     with autocast(x.device, args.precision):
-        losses = training_loss(parts.forward, x, y, pairs, weight)
+        losses = training_loss(parts.forward, x, y, args.pairs, args.layersync_weight)
     parts.optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     params = parts.optimizer.param_groups[0]["params"]  # the model's parameters, listed once
@@ -327,139 +308,249 @@ def build(args, config: dict, device) -> SimpleNamespace:
 
 # ------------------------------------------------------------------ training
 def train(args):
-    run = prepare_on_every_rank(args)
+    run = RunFolder.open(args)  # every refusal comes first; None: nothing left to train
     if run is None:
         return
-    device, pairs, ckpt_path = args.device, args.pairs, os.path.join(args.out, "last.pt")
-    parts = build(args, run.config["model"], device)
-    batches = DeviceBatches(run.images, run.labels, args.batch_size, args.seed, device, args.hflip)
-    step = resume(run.checkpoint, parts, batches, args) if run.checkpoint else 0
-    elapsed = run.checkpoint["elapsed_s"] if run.checkpoint else 0
-    run.checkpoint = None  # its tensors are copied into the model, EMA and optimizer: freed
-    say(describe_run(args, run, parts.model))
-    metrics = CsvLog(os.path.join(args.out, "metrics.csv"), METRICS_FIELDS, step)
-    probes = run.probe_data and CsvLog(os.path.join(args.out, "probe.csv"), PROBE_FIELDS, step)
-    non_finite, signals = NonFiniteWatch(device, ckpt_path), StopSignals(device)
-    log = Interval(step, args, elapsed)
-    bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, disable=not master_process)
-    due = lambda every: every and (step % every == 0 or step == args.steps)  # noqa: E731
-    outputs = (args.ckpt_every, args.keep_every, args.sample_every, args.probe_every)
-    stop_signal = 0
-    try:
-        while step < args.steps and not stop_signal:
+    parts = build(args, run.config["model"], args.device)
+    batches = DeviceBatches(run.images, run.labels, args.batch_size, args.seed, args.device,
+                            args.hflip)
+    step = run.restore(parts, batches)  # on --resume: last.pt's state and step; else 0
+    with run.watching():  # the progress bar, Ctrl-C and SIGTERM, while the loop runs
+        while step < args.steps and not run.stop_signal:
             x, y = batches.next()
-            losses, grad_norm = train_step(args, parts, x, y, step, pairs, args.layersync_weight)
+            losses, grad_norm = train_step(args, parts, x, y, step)  # Eq. 3, AdamW, the EMA
             step += 1
-            non_finite.record(losses["loss"], step)
-            log.add(losses, grad_norm)
-            bar.update(1)
-            if due(args.log_every):  # the mean losses since the last log: the only host sync
-                non_finite.check()
-                bar.set_postfix_str(log.write(metrics, step, args))
-            pause = time.perf_counter()
-            stop_signal = signals.agreed(step, args.steps)  # every rank stops at the same step
-            if stop_signal or any(map(due, outputs)):
-                non_finite.check()  # nothing is saved, drawn or probed from non-finite weights
-            if due(args.keep_every):  # an EMA snapshot kept for good: FID over training
-                save_snapshot(os.path.join(args.out, f"ema_{step:07d}.pt"), parts, step, run.config)
-            if probes and due(args.probe_every):  # every block, on rank 0 only
-                on_rank_0(probe_into, probes, parts.ema, run.probe_data, args, step)
-            # last.pt after this step's snapshot and probe rows: if one of them cannot be written,
-            # the resume starts before this step and writes it again
-            if due(args.ckpt_every) or stop_signal:
-                save_checkpoint(ckpt_path, parts, step, run.config, batches,
-                                time.perf_counter() - log.start)
-            if due(args.sample_every) and master_process:  # EMA samples, the same noise each time
-                png = os.path.join(args.out, f"samples_{step:07d}.png")
-                sample_grid(parts.ema, run.config["model"], png, args.sample_steps, args.precision)
-            log.time += time.perf_counter() - pause  # img_per_s counts training time only
-    finally:
-        signals.restore()
-        bar.close()
-    if stop_signal:
-        say(f"interrupted by {signal.Signals(stop_signal).name}: saved step {step} of {args.steps} "
-            f"to {ckpt_path}; rerun with --out {args.out} --resume to continue", file=sys.stderr)
-        raise SystemExit(128 + stop_signal)  # the shell's code for "killed by this signal"
-    if ddp:
-        check_ranks_agree(parts.model)
-    if device.type == "cuda":
-        say(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+            run.after_step(step, losses, grad_norm)  # logs, snapshots, probe, last.pt, grids
+    run.finish(step)  # after a signal: its exit code; else the ranks' agreement, peak memory
 
 
-class Interval:
-    """Sums of the losses on the device since the last log, and the training time they took; the
-    log line spells out Eq. 3 and, on a GPU of known peak, the model FLOPs utilisation (MFU)."""
+# ========================== the run folder: what keeps a run whole on disk
+class RunFolder:
+    """--out of one training run, behind one door. train() opens it, restores it, hands it each
+    step's losses and finishes it:
 
-    def __init__(self, step: int, args, elapsed: float):  # elapsed: before a resume
-        self.totals = torch.zeros(4, device=args.device)  # loss, fm, layersync, grad norm
-        self.step, self.time, self.start = step, time.perf_counter(), time.perf_counter() - elapsed
-        name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else ""
-        peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
-        self.peak = peak * ddp_world_size if peak and args.precision == "bf16" else None
-        self.flops_per_image = train_flops_per_image(model_config(args, 10))
+        RunFolder.open(args)      every refusal, the run's identity, the resume's checks, the disk
+        restore(parts, batches)   on --resume, last.pt's state; the logs, kept up to that step
+        watching()                the progress bar and the signal handlers, while the loop runs
+        after_step(step, ...)     what is due: logs, snapshots, probe rows, last.pt, grids, a
+                                  signal to stop, the non-finite check
+        finish(step)              a signal's exit code, or the ranks' agreement and peak memory
 
-    def add(self, losses: dict, grad_norm):
-        self.totals += torch.stack([losses["loss"].detach(), losses["fm"], losses["layersync"],
-                                    grad_norm])
+    The files of any run, for the trainer and sample.py alike, go through the same door: read as
+    data, never as code (read), written whole or not at all (write, append, write_grid; a failure
+    raises WriteFailed), one run per folder (check_one_run), and the space they need
+    (check_space)."""
 
-    def write(self, metrics, step: int, args) -> str:
-        if ddp:  # the logged losses are means over all ranks
-            dist.all_reduce(self.totals)
-            self.totals /= ddp_world_size
-        mean = (self.totals / (step - self.step)).tolist()
-        now = time.perf_counter()
-        images_per_s = args.batch_size * (step - self.step) / (now - self.time)
-        row = dict(zip(METRICS_FIELDS, [step, *mean, images_per_s, now - self.start]))
-        on_rank_0(metrics.write, [row])
-        self.totals.zero_()
-        self.step, self.time = step, now
-        # Eq. 3 spelled out: the total is fm + lambda * (-cosine), so it can go below 0
-        lam, fm, sync = args.layersync_weight, f"fm {mean[1]:.4f}", f"layersync {mean[2]:.3f}"
-        terms = f"{fm} + {lam:g} x {sync} = {mean[0]:.4f}" if lam else f"{fm}, {sync}"
-        mfu = images_per_s * self.flops_per_image / self.peak if self.peak else None  # all ranks
-        return f"{terms}, {images_per_s:.0f} img/s" + (f", MFU {100 * mfu:.1f}%" if mfu else "")
+    def __init__(self, args, checkpoint, images, labels, classes, probe_data, config: dict):
+        self.args, self.checkpoint, self.config = args, checkpoint, config
+        self.images, self.labels, self.classes = images, labels, classes
+        self.probe_data = probe_data
+        self.ckpt_path = os.path.join(args.out, "last.pt")
+        self.stop_signal = 0  # the signal that stops the run (0: none)
+
+    @classmethod
+    def open(cls, args):
+        """prepare() on every rank, CIFAR-10 on rank 0 first (it alone downloads it); a refusal on
+        any rank stops them all, with its message. --out is made only then."""
+        # a download can outlast NCCL's 10-minute timeout: the others wait on the CPU, up to 2 hours
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if ddp else None
+        run = error = None  # stays None: stop_together raises on any rank's error
+        for my_turn in (master_process, not master_process) if args.data == "cifar10" else (True,):
+            if my_turn:
+                try:
+                    run = prepare(args)
+                except SystemExit as refusal:
+                    error = str(refusal.code)
+            stop_together(error, group)
+        if run is not None:
+            on_rank_0(make_out, args, run.config["run_id"])
+        return run
+
+    def restore(self, parts, batches) -> int:
+        """On --resume, the model, EMA, optimizer, data order and RNG streams as saved; then the
+        logs (kept up to the step it starts from) and the watches. Returns that step."""
+        args, checkpoint = self.args, self.checkpoint
+        self.parts, self.batches = parts, batches
+        self.step = resume(checkpoint, parts, batches, args) if checkpoint else 0
+        elapsed = checkpoint["elapsed_s"] if checkpoint else 0
+        self.checkpoint = None  # its tensors are copied into the model, EMA and optimizer: freed
+        say(describe_run(args, self, parts.model))
+        self.metrics = CsvLog(os.path.join(args.out, "metrics.csv"), METRICS_FIELDS, self.step)
+        self.probes = self.probe_data and CsvLog(os.path.join(args.out, "probe.csv"),
+                                                 PROBE_FIELDS, self.step)
+        self.non_finite = NonFiniteWatch(args.device, self.ckpt_path)
+        self.interval = Interval(self.step, args, elapsed)
+        self.outputs = (args.ckpt_every, args.keep_every, args.sample_every, args.probe_every)
+        return self.step
+
+    @contextmanager
+    def watching(self):
+        """Ctrl-C and SIGTERM finish the step and save (StopSignals), and the progress bar, until
+        the loop ends, also by an error."""
+        self.signals = StopSignals(self.args.device)
+        self.bar = tqdm(total=self.args.steps, initial=self.step, dynamic_ncols=True,
+                        disable=not master_process)
+        try:
+            yield
+        finally:
+            self.signals.restore()
+            self.bar.close()
+
+    def after_step(self, step: int, losses: dict, grad_norm: torch.Tensor):
+        """What is due after `step`, in this order: the log, a signal, the non-finite check, the
+        EMA snapshot, the probe, last.pt, the sample grid."""
+        args, parts = self.args, self.parts
+        due = lambda every: every and (step % every == 0 or step == args.steps)  # noqa: E731
+        self.non_finite.record(losses["loss"], step)
+        self.interval.add(losses, grad_norm)
+        self.bar.update(1)
+        if due(args.log_every):  # the mean losses since the last log: the only host sync
+            self.non_finite.check()
+            self.bar.set_postfix_str(self.interval.write(self.metrics, step, args))
+        pause = time.perf_counter()
+        self.stop_signal = self.signals.agreed(step, args.steps)  # every rank stops at one step
+        if self.stop_signal or any(map(due, self.outputs)):
+            self.non_finite.check()  # nothing is saved, drawn or probed from non-finite weights
+        if due(args.keep_every):  # an EMA snapshot kept for good: FID over training
+            save_snapshot(os.path.join(args.out, f"ema_{step:07d}.pt"), parts, step, self.config)
+        if self.probes and due(args.probe_every):  # every block, on rank 0 only
+            on_rank_0(probe_into, self.probes, parts.ema, self.probe_data, args, step)
+        # last.pt after this step's snapshot and probe rows: if one of them cannot be written,
+        # the resume starts before this step and writes it again
+        if due(args.ckpt_every) or self.stop_signal:
+            save_checkpoint(self.ckpt_path, parts, step, self.config, self.batches,
+                            time.perf_counter() - self.interval.start)
+        if due(args.sample_every) and master_process:  # EMA samples, the same noise each time
+            png = os.path.join(args.out, f"samples_{step:07d}.png")
+            sample_grid(parts.ema, self.config["model"], png, args.sample_steps, args.precision)
+        self.interval.time += time.perf_counter() - pause  # img_per_s counts training time only
+
+    def finish(self, step: int):
+        args = self.args
+        if self.stop_signal:
+            say(f"interrupted by {signal.Signals(self.stop_signal).name}: saved step {step} of "
+                f"{args.steps} to {self.ckpt_path}; rerun with --out {args.out} --resume to "
+                f"continue", file=sys.stderr)
+            raise SystemExit(128 + self.stop_signal)  # the shell's code for "killed by this signal"
+        if ddp:
+            check_ranks_agree(self.parts.model)
+        if args.device.type == "cuda":
+            say(f"peak GPU memory {torch.cuda.max_memory_allocated(args.device) / 2**30:.2f} GiB")
+
+    # ---- the files of any run, for train_cifar.py and sample.py
+    class WriteFailed(Exception):
+        """A file could not be written (a full disk, a quota, a file-size limit); says which and
+        why."""
+
+        def __init__(self, path: str, reason: str):
+            super().__init__(f"could not write {path} ({reason})")
+            self.path = path
+
+    @staticmethod
+    def read(path: str, mmap: bool = True):
+        """torch.load(path) as data, never as code, or one line saying what the file is instead. A
+        folder reads its last.pt."""
+        path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
+        if not os.path.isfile(path):
+            fail(f"no checkpoint at {path}")
+        if not zipfile.is_zipfile(path):  # a CSV, a PNG: torch's message would say to re-save it
+            fail(f"{path} is not a torch checkpoint (torch.save writes a zip archive)")
+        try:  # weights_only: the file is data; mmap: under torchrun the processes share one copy
+            # argparse.Namespace holds plain values: the official SiT and LayerSync train.py's flags
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as error:  # refused before anything in it ran
+            needs = (re.search(r"GLOBAL ([\w.]+)", str(error)) or [None, "a pickled object"])[1]
+            fail(f"{path} needs code to load ({needs}), so it was not loaded; a model saved whole "
+                 f"with torch.save(model) holds its code: save model.state_dict() instead")
+        except Exception as error:
+            fail(f"cannot read checkpoint {path} ({type(error).__name__}: {error})")
+
+    @staticmethod
+    def load_checkpoint(path: str, mmap: bool = True) -> dict:
+        """A train_cifar.py last.pt, or a one-line error saying why it is not one."""
+        checkpoint = RunFolder.read(path, mmap)
+        saved = checkpoint.keys() if isinstance(checkpoint, dict) else set()
+        saves = {"model", "ema", "optimizer", "step", "config", "rng", "elapsed_s"}
+        missing = sorted(saves - saved)
+        if "config" in saved:  # and in it, what identifies the run
+            config = checkpoint["config"] if isinstance(checkpoint["config"], dict) else {}
+            missing += sorted({"flags", "run_id", "history"} - config.keys())
+        if missing:
+            fail(f"{path} is not a checkpoint of this train_cifar.py: it holds {sorted(saved)[:8]} "
+                 f"and lacks {', '.join(missing)} (an earlier version or another program wrote "
+                 f"it); start a new run in another --out")
+        return checkpoint
+
+    @staticmethod
+    def write(path: str, write):
+        """write(file) into a temporary file that is then renamed onto `path`: a failed write or a
+        kill leaves `path` as it was, and a failed write leaves no temporary file either."""
+        tmp = path + ".tmp"
+        try:
+            with failing_write(path):
+                with open(tmp, "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())  # on disk before the rename makes it the file
+                os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @staticmethod
+    def append(path: str, fields: list, rows: list):
+        """CSV rows appended whole or not at all (a new file is written with its header): a failed
+        write cuts the file back to the complete rows it had."""
+        if not os.path.exists(path):
+            return RunFolder.write(path, lambda f: f.write(csv_text(fields, rows, header=True)))
+        with failing_write(path), open(path, "ab", buffering=0) as f:
+            end = f.tell()
+            unwritten = memoryview(csv_text(fields, rows))
+            try:  # unbuffered: a write that fills the disk stops short, and the next one fails
+                while unwritten:
+                    unwritten = unwritten[f.write(unwritten):]
+            except OSError:
+                f.truncate(end)
+                raise
+
+    @staticmethod
+    def write_grid(pixels: torch.Tensor, path: str, columns: int):
+        """uint8 images (N, 3, H, W) as one PNG/JPEG grid, `columns` to a row; images under 64
+        pixels are enlarged (nearest neighbour), so that a sample can be judged by eye."""
+        from PIL import Image
+        from torchvision.utils import make_grid
+        scale = max(1, 64 // pixels.shape[-1])
+        pixels = pixels.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+        image = Image.fromarray(make_grid(pixels.cpu(), nrow=columns).permute(1, 2, 0).numpy())
+        image_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
+        RunFolder.write(path, lambda f: image.save(f, format=image_format))
+
+    @staticmethod
+    def check_one_run(folder: str, flag: str):
+        """A folder whose files name more than one run (a last.pt or snapshots copied in from
+        another) is refused by --resume, --fid RUN_DIR and --compare: it would join two runs."""
+        ids = run_ids_in(folder)
+        if len(set(ids.values())) > 1:
+            runs = ", ".join(f"{name}: {run_id}" for name, run_id in ids.items())
+            fail(f"{flag} {folder}: its files come from different runs ({runs}); one folder holds "
+                 f"one run: a copied last.pt goes alone into a new folder, to --resume there")
+
+    @staticmethod
+    def check_space(path: str, need: int, what: str, advice: str):
+        """`what` takes `need` bytes where `path` goes: refused in one line (ending with `advice`)
+        if they cannot fit, a warning if they would leave under a fifth of the space free there."""
+        folder = existing_parent(path)
+        free = shutil.disk_usage(folder).free
+        what = f"{what} take about {in_units(need)} in {folder}"
+        if need > free:
+            fail(f"{what}, but only {in_units(free)} are free there: {advice}")
+        if free - need < free / 5:
+            say(f"warning: {what}, leaving {in_units(free - need)} of the {in_units(free)} free "
+                f"there")
 
 
-# dense bf16 peak FLOP/s from the vendors' data sheets, for MFU; matched against the device name
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12}
-
-
-def train_flops_per_image(config: dict) -> float:
-    """3 forwards (the backward costs two) of depth * (12 T H^2 + 2 T^2 H) multiply-adds for T
-    tokens of width H, plus patch in and out; 2 FLOPs per multiply-add."""
-    tokens, h = (config["input_size"] // config["patch_size"]) ** 2, config["hidden_size"]
-    patch_io = 2 * tokens * h * config["patch_size"] ** 2 * config["in_channels"]
-    return 6 * (config["depth"] * (12 * tokens * h * h + 2 * tokens * tokens * h) + patch_io)
-
-
-def prepare_on_every_rank(args):
-    """prepare() on every rank, CIFAR-10 on rank 0 first (it alone downloads it); a refusal on any
-    rank stops them all, with its message. --out is made only then."""
-    # a download can outlast NCCL's 10-minute timeout: the others wait on the CPU, for up to 2 hours
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if ddp else None
-    run = error = None  # stays None: stop_together raises on any rank's error
-    for my_turn in (master_process, not master_process) if args.data == "cifar10" else (True,):
-        if my_turn:
-            try:
-                run = prepare(args)
-            except SystemExit as refusal:
-                error = str(refusal.code)
-        stop_together(error, group)
-    if run is not None:
-        on_rank_0(make_out, args, run.config["run_id"])
-    return run
-
-
-def make_out(args, run_id: str):
-    """--out, and in it the run's id: at the start, or for a last.pt moved alone into a folder."""
-    marker = os.path.join(args.out, RUN_ID_FILE)
-    with failing_write(args.out):
-        os.makedirs(args.out, exist_ok=True)
-    if not (args.resume and os.path.exists(marker)):
-        write_atomically(marker, lambda f: f.write(f"{run_id}\n".encode()))
-
-
+# ------------------------------------------------------------------ opening a run
 def prepare(args):
     """Everything that can refuse the run, before the model is built; None: nothing to do."""
     ckpt_path = os.path.join(args.out, "last.pt")
@@ -469,9 +560,9 @@ def prepare(args):
         fail(f"{args.out} holds snapshots (ema_<step>.pt) of an earlier run that saved no last.pt "
              f"to resume: remove them, or choose another --out")
     # read whole, not memory-mapped: a mapped last.pt would keep its disk space once replaced
-    checkpoint = load_checkpoint(ckpt_path, mmap=False) if args.resume else None
+    checkpoint = RunFolder.load_checkpoint(ckpt_path, mmap=False) if args.resume else None
     if checkpoint is not None:  # before anything is written
-        check_one_run(args.out, "--resume")
+        RunFolder.check_one_run(args.out, "--resume")
     images, labels, classes = load_data(args.data, args.data_dir, args.image_size)
     if len(images) < args.batch_size:  # before --out is made
         fail(f"the dataset has {len(images)} images, fewer than --batch-size {args.batch_size}")
@@ -498,15 +589,23 @@ def prepare(args):
             return None
     check_disk_space(args, config["model"], checkpoint["step"] if checkpoint else 0)
     probe = probe_split(args.data, args.data_dir, images, labels) if args.probe_every else None
-    return SimpleNamespace(checkpoint=checkpoint, images=images, labels=labels, classes=classes,
-                           probe_data=probe, config=config)
+    return RunFolder(args, checkpoint, images, labels, classes, probe, config)
+
+
+def make_out(args, run_id: str):
+    """--out, and in it the run's id: at the start, or for a last.pt moved alone into a folder."""
+    marker = os.path.join(args.out, RUN_ID_FILE)
+    with failing_write(args.out):
+        os.makedirs(args.out, exist_ok=True)
+    if not (args.resume and os.path.exists(marker)):
+        RunFolder.write(marker, lambda f: f.write(f"{run_id}\n".encode()))
 
 
 def check_disk_space(args, model_config: dict, step: int):
-    """What the run will still write into --out, against the space free there: refused in one line
-    if it cannot fit, a warning if it would leave under a fifth of that space. From the model's own
-    sizes: last.pt holds the weights, the EMA and AdamW's two moments per parameter, and is written
-    twice while it is replaced; a snapshot holds the EMA; a grid is at most its raw pixels."""
+    """What the run will still write into --out, against the space free there (RunFolder.
+    check_space). From the model's own sizes: last.pt holds the weights, the EMA and AdamW's two
+    moments per parameter, and is written twice while it is replaced; a snapshot holds the EMA; a
+    grid is at most its raw pixels."""
     with torch.device("meta"):  # sizes without memory
         model = SiT(**model_config)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -514,19 +613,15 @@ def check_disk_space(args, model_config: dict, step: int):
     checkpoint = 2 * weights + moments
     snapshots = writes_between(step, args.steps, args.keep_every)
     grids = writes_between(step, args.steps, args.sample_every)
-    side = max(64, model_config["input_size"]) + 2  # enlarged to 64 pixels (save_grid), a border
+    side = max(64, model_config["input_size"]) + 2  # enlarged to 64 pixels (write_grid), a border
     grid = min(model_config["num_classes"], 20) * 8 * 3 * side * side
     resumed = step > 0  # its last.pt is on the disk already: one more copy while it is replaced
     need = checkpoint * (1 if resumed else 2) + snapshots * weights + grids * grid
-    free = shutil.disk_usage(existing_parent(args.out)).free
-    what = (f"the run will write about {in_units(need)} into {args.out} (last.pt of "
-            f"{in_units(checkpoint)} {'once more' if resumed else 'twice'} while it is replaced, "
-            f"{snapshots} ema_<step>.pt of {in_units(weights)}, {grids} grids)")
-    if need > free:
-        fail(f"{what}, but only {in_units(free)} are free there: pass --keep-every 0 (no "
-             f"snapshots) or a larger --keep-every, another --out, or free some space")
-    if free - need < free / 5:
-        say(f"warning: {what}, leaving {in_units(free - need)} of the {in_units(free)} free there")
+    what = (f"the files this run will still write (last.pt of {in_units(checkpoint)} "
+            f"{'once more' if resumed else 'twice'} while it is replaced, {snapshots} "
+            f"ema_<step>.pt of {in_units(weights)}, {grids} grids)")
+    RunFolder.check_space(args.out, need, what, "pass --keep-every 0 (no snapshots) or a larger "
+                          "--keep-every, another --out, or free some space")
 
 
 def writes_between(start: int, end: int, every: int) -> int:
@@ -573,62 +668,23 @@ def describe_run(args, run, model) -> str:
     return f"{name}: {shape}, {size}; {layersync}; {data}; {device}"
 
 
-# ------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: str, parts, step: int, config: dict, batches, elapsed_s: float):
-    """last.pt: the whole training state, enough to continue bit for bit, and the run's seconds
-    (for metrics.csv). Rank 0 writes; a failed write stops every rank in one line."""
-    generators = {"torch": torch.get_rng_state()}  # this rank's own noise, t and dropout streams
-    if batches.device.type == "cuda":
-        generators["cuda"] = torch.cuda.get_rng_state(batches.device)
-    ranks = [generators] * ddp_world_size  # under torchrun, filled by the gather below
-    if ddp:
-        dist.all_gather_object(ranks, generators)
-    state = {"model": parts.model.state_dict(), "ema": parts.ema.state_dict(),
-             "optimizer": parts.optimizer.state_dict(), "step": step, "config": config,
-             "rng": {"data": batches.state_dict(), "ranks": ranks}, "elapsed_s": elapsed_s}
-    on_rank_0(write_atomically, path, lambda f: torch.save(state, f))  # torch writes through f
-
-
-def save_snapshot(path: str, parts, step: int, config: dict):
-    """ema_<step>.pt, kept for good: the EMA weights, the step and the config, for FID over
-    training (sample.py --fid RUN_DIR)."""
-    state = {"ema": parts.ema.state_dict(), "step": step, "config": config}
-    on_rank_0(write_atomically, path, lambda f: torch.save(state, f))
-
-
-def read_torch_file(path: str, mmap: bool = True):
-    """torch.load(path) as data, never as code, or one line saying what the file is instead. A
-    folder reads its last.pt."""
-    path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}")
-    if not zipfile.is_zipfile(path):  # a CSV, a PNG: torch's own message would say to re-save it
-        fail(f"{path} is not a torch checkpoint (torch.save writes a zip archive)")
-    try:  # weights_only: the file is data; mmap: under torchrun the processes share one copy
-        # argparse.Namespace holds plain values: the official SiT and LayerSync train.py's flags
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:  # refused before anything in it ran
-        needs = (re.search(r"GLOBAL ([\w.]+)", str(error)) or [None, "a pickled object"])[1]
-        fail(f"{path} needs code to load ({needs}), so it was not loaded; a model saved whole with "
-             f"torch.save(model) holds its code: save model.state_dict() instead")
-    except Exception as error:
-        fail(f"cannot read checkpoint {path} ({type(error).__name__}: {error})")
-
-
-def load_checkpoint(path: str, mmap: bool = True) -> dict:
-    """A train_cifar.py checkpoint, or a one-line error saying why it is not one."""
-    checkpoint = read_torch_file(path, mmap)
-    saved = checkpoint.keys() if isinstance(checkpoint, dict) else set()
-    missing = sorted({"model", "ema", "optimizer", "step", "config", "rng", "elapsed_s"} - saved)
-    if "config" in saved:  # and in it, what identifies the run
-        config = checkpoint["config"] if isinstance(checkpoint["config"], dict) else {}
-        missing += sorted({"flags", "run_id", "history"} - config.keys())
-    if missing:
-        fail(f"{path} is not a checkpoint of this train_cifar.py: it holds {sorted(saved)[:8]} and "
-             f"lacks {', '.join(missing)} (an earlier version or another program wrote it); start "
-             f"a new run in another --out")
-    return checkpoint
+def flags_from_checkpoint(parser, argv, out: str) -> tuple:
+    """--resume: the checkpoint's run flags become the parser's defaults, so that a flag not given
+    is the checkpoint's and a given one changes that setting. Returns the flags and the changes,
+    {flag: [old, new]}, to be listed and kept in the run's history (check_resume_config refuses
+    a change of the model, the data or the LayerSync arm)."""
+    path = os.path.join(out, "last.pt")
+    if not os.path.exists(path):  # prepare() says so
+        return parser.parse_args(argv), {}
+    stored = RunFolder.load_checkpoint(path)["config"]["flags"]
+    parser.set_defaults(**stored)
+    args = parser.parse_args(argv)
+    changes = {}
+    # data and pairs as typed: prepare() compares the resolved ones (and refuses other pairs)
+    for name, old in stored.items():
+        if name not in ("data", "data_dir", "layersync_pairs") and getattr(args, name) != old:
+            changes[name] = [old, getattr(args, name)]
+    return args, changes
 
 
 def resume(checkpoint: dict, parts, batches, args) -> int:
@@ -684,7 +740,7 @@ def run_ids_in(folder: str) -> dict:
     ids = {}
     for name in ["last.pt", *sorted(glob.glob(SNAPSHOTS, root_dir=folder))]:
         if os.path.isfile(os.path.join(folder, name)):
-            config = read_torch_file(os.path.join(folder, name)).get("config", {})
+            config = RunFolder.read(os.path.join(folder, name)).get("config", {})
             ids[name] = config.get("run_id")
     if os.path.isfile(os.path.join(folder, RUN_ID_FILE)):
         with open(os.path.join(folder, RUN_ID_FILE)) as f:
@@ -692,14 +748,133 @@ def run_ids_in(folder: str) -> dict:
     return ids
 
 
-def check_one_run(folder: str, flag: str):
-    """A folder whose files name more than one run (a last.pt or snapshots copied in from another)
-    is refused by --resume, --fid RUN_DIR and --compare: it would join two runs."""
-    ids = run_ids_in(folder)
-    if len(set(ids.values())) > 1:
-        runs = ", ".join(f"{name}: {run_id}" for name, run_id in ids.items())
-        fail(f"{flag} {folder}: its files come from different runs ({runs}); one folder holds one "
-             f"run: a copied last.pt goes alone into a new folder, to --resume there")
+# ------------------------------------------------------------------ checkpoints and snapshots
+def save_checkpoint(path: str, parts, step: int, config: dict, batches, elapsed_s: float):
+    """last.pt: the whole training state, enough to continue bit for bit, and the run's seconds
+    (for metrics.csv). Rank 0 writes; a failed write stops every rank in one line."""
+    generators = {"torch": torch.get_rng_state()}  # this rank's own noise, t and dropout streams
+    if batches.device.type == "cuda":
+        generators["cuda"] = torch.cuda.get_rng_state(batches.device)
+    ranks = [generators] * ddp_world_size  # under torchrun, filled by the gather below
+    if ddp:
+        dist.all_gather_object(ranks, generators)
+    state = {"model": parts.model.state_dict(), "ema": parts.ema.state_dict(),
+             "optimizer": parts.optimizer.state_dict(), "step": step, "config": config,
+             "rng": {"data": batches.state_dict(), "ranks": ranks}, "elapsed_s": elapsed_s}
+    on_rank_0(RunFolder.write, path, lambda f: torch.save(state, f))  # torch writes through f
+
+
+def save_snapshot(path: str, parts, step: int, config: dict):
+    """ema_<step>.pt, kept for good: the EMA weights, the step and the config, for FID over
+    training (sample.py --fid RUN_DIR)."""
+    state = {"ema": parts.ema.state_dict(), "step": step, "config": config}
+    on_rank_0(RunFolder.write, path, lambda f: torch.save(state, f))
+
+
+# ------------------------------------------------------------------ the log line and metrics.csv
+class Interval:
+    """Sums of the losses on the device since the last log, and the training time they took; the
+    log line spells out Eq. 3 and, on a GPU of known peak, the model FLOPs utilisation (MFU)."""
+
+    def __init__(self, step: int, args, elapsed: float):  # elapsed: before a resume
+        self.totals = torch.zeros(4, device=args.device)  # loss, fm, layersync, grad norm
+        self.step, self.time, self.start = step, time.perf_counter(), time.perf_counter() - elapsed
+        name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else ""
+        peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
+        self.peak = peak * ddp_world_size if peak and args.precision == "bf16" else None
+        self.flops_per_image = train_flops_per_image(model_config(args, 10))
+
+    def add(self, losses: dict, grad_norm):
+        self.totals += torch.stack([losses["loss"].detach(), losses["fm"], losses["layersync"],
+                                    grad_norm])
+
+    def write(self, metrics, step: int, args) -> str:
+        if ddp:  # the logged losses are means over all ranks
+            dist.all_reduce(self.totals)
+            self.totals /= ddp_world_size
+        mean = (self.totals / (step - self.step)).tolist()
+        now = time.perf_counter()
+        images_per_s = args.batch_size * (step - self.step) / (now - self.time)
+        row = dict(zip(METRICS_FIELDS, [step, *mean, images_per_s, now - self.start]))
+        on_rank_0(metrics.write, [row])
+        self.totals.zero_()
+        self.step, self.time = step, now
+        # Eq. 3 spelled out: the total is fm + lambda * (-cosine), so it can go below 0
+        lam, fm, sync = args.layersync_weight, f"fm {mean[1]:.4f}", f"layersync {mean[2]:.3f}"
+        terms = f"{fm} + {lam:g} x {sync} = {mean[0]:.4f}" if lam else f"{fm}, {sync}"
+        mfu = images_per_s * self.flops_per_image / self.peak if self.peak else None  # all ranks
+        return f"{terms}, {images_per_s:.0f} img/s" + (f", MFU {100 * mfu:.1f}%" if mfu else "")
+
+
+# dense bf16 peak FLOP/s from the vendors' data sheets, for MFU; matched against the device name
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12}
+
+
+def train_flops_per_image(config: dict) -> float:
+    """3 forwards (the backward costs two) of depth * (12 T H^2 + 2 T^2 H) multiply-adds for T
+    tokens of width H, plus patch in and out; 2 FLOPs per multiply-add."""
+    tokens, h = (config["input_size"] // config["patch_size"]) ** 2, config["hidden_size"]
+    patch_io = 2 * tokens * h * config["patch_size"] ** 2 * config["in_channels"]
+    return 6 * (config["depth"] * (12 * tokens * h * h + 2 * tokens * tokens * h) + patch_io)
+
+
+# ------------------------------------------------------------------ CSV logs that survive a resume
+METRICS_FIELDS = ["step", "loss", "fm", "layersync", "grad_norm", "img_per_s", "elapsed_s"]
+PROBE_FIELDS = ["step", "t", "block", "accuracy", "teacher_cosine", "relative_update"]
+
+
+class CsvLog:
+    """A CSV that rank 0 alone writes (on_rank_0), rows whole or not at all; a resume keeps its
+    readable rows up to the restart step."""
+
+    def __init__(self, path: str, fields: list, resume_step: int = 0):
+        self.path, self.fields = path, fields
+        on_rank_0(self.restart, resume_step)
+
+    def restart(self, resume_step: int):
+        rows = []
+        if resume_step and os.path.exists(self.path):
+            with open(self.path, newline="") as f:
+                rows = [row for row in csv.DictReader(f) if readable(row, resume_step)]
+        # read back as text, written unchanged; the file is replaced whole, so a failure keeps it
+        RunFolder.write(self.path, lambda f: f.write(csv_text(self.fields, rows, header=True)))
+
+    def write(self, rows: list):
+        RunFolder.append(self.path, self.fields, rows)
+
+
+def csv_text(fields: list, rows: list, header: bool = False) -> bytes:
+    """Rows as CSV (floats to 6 significant digits), after the header if asked."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    if header:
+        writer.writeheader()
+    writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
+                     for row in rows)
+    return text.getvalue().encode()
+
+
+def readable(row: dict, resume_step: int) -> bool:
+    """A CSV row up to the resume step, neither cut short by a kill nor spoiled by a hand edit."""
+    try:
+        [float(value) for value in row.values() if value != ""]  # None (cut short) or text: no
+        return None not in row and int(row["step"]) <= resume_step
+    except (TypeError, ValueError):
+        return False
+
+
+@contextmanager
+def failing_write(path: str):
+    """A failed write to `path` raised as WriteFailed. torch's zip writer reports it as a
+    RuntimeError raised while handling the OSError: that is caught too, and nothing else is."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        cause = error if isinstance(error, OSError) else error.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise RunFolder.WriteFailed(path, cause.strerror or str(cause)) from None
 
 
 # ========================== what a first reading can skip: formats, probe, grids, torchrun, signals
@@ -824,7 +999,7 @@ def run_probe(model: SiT, data: ProbeData, ts: list, pairs: list, precision: str
         probe = linear_probe(model, data.fit, data.scored, ts, teacher)
     if csv_path:  # the whole file or none
         rows = probe_rows(step, probe)
-        write_atomically(csv_path, lambda f: f.write(csv_text(PROBE_FIELDS, rows, header=True)))
+        RunFolder.write(csv_path, lambda f: f.write(csv_text(PROBE_FIELDS, rows, header=True)))
     return probe
 
 
@@ -863,18 +1038,6 @@ def sample_pixels(model, noise, labels, steps: int, precision: str, method: str 
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> 0..255
 
 
-def save_grid(pixels: torch.Tensor, path: str, columns: int):
-    """uint8 images (N, 3, H, W) as one PNG/JPEG grid, `columns` to a row; images under 64 pixels
-    are enlarged (nearest neighbour), so that a sample can be judged by eye."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-    scale = max(1, 64 // pixels.shape[-1])
-    pixels = pixels.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
-    image = Image.fromarray(make_grid(pixels.cpu(), nrow=columns).permute(1, 2, 0).numpy())
-    image_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
-    write_atomically(path, lambda f: image.save(f, format=image_format))
-
-
 def sample_grid(ema, config: dict, path: str, steps: int, precision: str):
     """EMA samples, a row of 8 per class (at most 20 rows), from the same noise and labels at every
     step of every run; a grid is worth a warning, never the run."""
@@ -884,47 +1047,9 @@ def sample_grid(ema, config: dict, path: str, steps: int, precision: str):
     labels = torch.arange(rows).repeat_interleave(8)
     try:
         pixels = sample_pixels(ema, noise.to(device), labels.to(device), steps, precision)
-        save_grid(pixels, path, columns=8)
-    except WriteFailed as error:
+        RunFolder.write_grid(pixels, path, columns=8)
+    except RunFolder.WriteFailed as error:
         say(f"warning: {error}")
-
-
-# ------------------------------------------------------------------ writing files
-class WriteFailed(Exception):
-    """A file could not be written (a full disk, a quota, a file-size limit); says which and why."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"could not write {path} ({reason})")
-        self.path = path
-
-
-@contextmanager
-def failing_write(path: str):
-    """A failed write to `path` raised as WriteFailed. torch's zip writer reports it as a
-    RuntimeError raised while handling the OSError: that is caught too, and nothing else is."""
-    try:
-        yield
-    except (OSError, RuntimeError) as error:
-        cause = error if isinstance(error, OSError) else error.__context__
-        if not isinstance(cause, OSError):
-            raise
-        raise WriteFailed(path, cause.strerror or str(cause)) from None
-
-
-def write_atomically(path: str, write):
-    """write(file) into a temporary file that is then renamed onto `path`: a failed write or a kill
-    leaves `path` as it was, and a failed write leaves no temporary file either."""
-    tmp = path + ".tmp"
-    try:
-        with failing_write(path):
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename makes it the file
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ------------------------------------------------------------------ agreement between processes
@@ -948,7 +1073,7 @@ def on_rank_0(write, *args):
     if master_process:
         try:
             write(*args)
-        except WriteFailed as error:
+        except RunFolder.WriteFailed as error:
             if os.path.exists(os.path.join(os.path.dirname(error.path), "last.pt")):
                 advice = "last.pt holds the last saved state: make room, then rerun with --resume"
             else:
@@ -1019,67 +1144,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-# ------------------------------------------------------------------ CSV logs that survive a resume
-METRICS_FIELDS = ["step", "loss", "fm", "layersync", "grad_norm", "img_per_s", "elapsed_s"]
-PROBE_FIELDS = ["step", "t", "block", "accuracy", "teacher_cosine", "relative_update"]
-
-
-class CsvLog:
-    """A CSV that rank 0 alone writes (on_rank_0), rows whole or not at all; a resume keeps its
-    readable rows up to the restart step."""
-
-    def __init__(self, path: str, fields: list, resume_step: int = 0):
-        self.path, self.fields = path, fields
-        on_rank_0(self.restart, resume_step)
-
-    def restart(self, resume_step: int):
-        rows = []
-        if resume_step and os.path.exists(self.path):
-            with open(self.path, newline="") as f:
-                rows = [row for row in csv.DictReader(f) if readable(row, resume_step)]
-        # read back as text, written unchanged; the file is replaced whole, so a failure keeps it
-        write_atomically(self.path, lambda f: f.write(csv_text(self.fields, rows, header=True)))
-
-    def write(self, rows: list):
-        append_rows(self.path, self.fields, rows)
-
-
-def csv_text(fields: list, rows: list, header: bool = False) -> bytes:
-    """Rows as CSV (floats to 6 significant digits), after the header if asked."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fields)
-    if header:
-        writer.writeheader()
-    writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
-                     for row in rows)
-    return text.getvalue().encode()
-
-
-def append_rows(path: str, fields: list, rows: list):
-    """CSV rows appended whole or not at all (a new file is written with its header): a failed
-    write cuts the file back to the complete rows it had."""
-    if not os.path.exists(path):
-        return write_atomically(path, lambda f: f.write(csv_text(fields, rows, header=True)))
-    with failing_write(path), open(path, "ab", buffering=0) as f:
-        end = f.tell()
-        unwritten = memoryview(csv_text(fields, rows))
-        try:
-            while unwritten:  # unbuffered: a write that fills the disk stops short, the next fails
-                unwritten = unwritten[f.write(unwritten):]
-        except OSError:
-            f.truncate(end)
-            raise
-
-
-def readable(row: dict, resume_step: int) -> bool:
-    """A CSV row up to the resume step, neither cut short by a kill nor spoiled by a hand edit."""
-    try:
-        [float(value) for value in row.values() if value != ""]  # None (cut short) or text: no
-        return None not in row and int(row["step"]) <= resume_step
-    except (TypeError, ValueError):
-        return False
-
-
 def main(argv=None):
     try:
         args = parse_args(argv)
@@ -1103,3 +1167,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
