@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 
 from layersync import SiT, check_layersync_pairs, default_layersync_pair, sit_from_official
-# through the trainer's door: the run folder (its files, read safely and written whole), the data,
-# the probe, samples as pixels, two of its flag checks and its one-line error
-from train_cifar import (RunFolder, device_arg, fail, load_data, probe_levels, probe_split,
+# from the trainer: a run's files (read safely, written whole), the data, the probe, samples as
+# pixels, two of its flag checks and its one-line error
+from train_cifar import (RunFiles, device_arg, fail, load_data, probe_levels, probe_split,
                          run_probe, sample_pixels)
 
 
@@ -109,7 +109,8 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------ models and samples
 # What a checkpoint holds: the SiT (on the device), its step, the precision to sample in, a name
 # ("step N (EMA weights)"), the image size it makes, its LayerSync pairs, and the run's training
-# data (a built-in name or a folder) and data folder; official weights: step, data, data_dir None
+# data (a built-in name or a folder; official weights: None, as their step) and where CIFAR-10 is:
+# --data-dir, else where the run found it, else ./data
 Loaded = namedtuple("Loaded", "model step precision name image_size pairs data data_dir")
 OFFICIAL_KEYS = {"model", "ema", "opt", "args"}  # what the official SiT / LayerSync train.py saves
 RUN_KEYS = {"ema", "step", "config"}  # in a train_cifar.py checkpoint, and all of an EMA snapshot
@@ -119,7 +120,7 @@ def load_model(args, path=None) -> Loaded:
     """The SiT of a train_cifar.py checkpoint or EMA snapshot, a bare official state dict or an
     official train.py checkpoint, told apart by their content; EMA weights unless --no-ema."""
     path, kind = path or args.ckpt, "raw weights" if args.no_ema else "EMA weights"
-    checkpoint = RunFolder.read(path)
+    checkpoint = RunFiles.read(path)
     weights, is_dict = "model" if args.no_ema else "ema", isinstance(checkpoint, dict)
     if is_dict and RUN_KEYS <= checkpoint.keys():
         if weights not in checkpoint:
@@ -131,7 +132,8 @@ def load_model(args, path=None) -> Loaded:
         run_data_dir = config.get("flags", {}).get("data_dir")  # where the run found CIFAR-10
         return Loaded(model.to(args.device).eval(), checkpoint["step"], precision,
                       f"step {checkpoint['step']} ({kind})", config["model"]["input_size"],
-                      config["layersync_pairs"], config["data"], run_data_dir)
+                      config["layersync_pairs"], config["data"],
+                      args.data_dir or run_data_dir or "./data")
     official = is_dict and OFFICIAL_KEYS <= checkpoint.keys()
     state = checkpoint[weights] if official else checkpoint
     if not (isinstance(state, dict) and "x_embedder.proj.weight" in state):
@@ -152,12 +154,7 @@ def load_model(args, path=None) -> Loaded:
         pair = default_layersync_pair(depth)
     side = round(model.pos_embed.shape[1] ** 0.5) * model.patch_size  # patches per side x patch
     return Loaded(model.to(args.device).eval(), None, "fp32", f"official weights ({kind})", side,
-                  [list(pair)], None, None)
-
-
-def data_dir(args, loaded: Loaded) -> str:
-    """Where CIFAR-10 is: --data-dir, else where the run found it, else ./data."""
-    return args.data_dir or loaded.data_dir or "./data"
+                  [list(pair)], None, args.data_dir or "./data")
 
 
 def check_flags(args, loaded: Loaded) -> torch.Tensor:
@@ -176,19 +173,15 @@ def check_flags(args, loaded: Loaded) -> torch.Tensor:
         fail("--probe of official weights needs --probe-data FOLDER, a sub-folder per class")
     rows = model.num_classes if args.class_label is None else 1  # one row per class
     n = args.n or (10_000 if args.fid else 8 * rows)  # FID of a few images means nothing
-    if args.npz:  # its size is known: refuse now rather than after the sampling
-        check_npz_space(args.npz, n, loaded.image_size * (8 if latent else 1))
+    if args.npz:  # n uint8 images and int64 labels, uncompressed: refused now, not after sampling
+        side = loaded.image_size * (8 if latent else 1)
+        what = f"--npz {args.npz}: {n} images of {side}x{side}"
+        RunFiles.check_space(args.npz, n * (side * side * 3 + 8), what,
+                             "write it elsewhere, give a smaller --n, or free some space")
     if args.grid and n % rows:
         fail(f"--n {n} with --grid: the grid has one row per class, so give a multiple of the "
              f"{rows} classes, e.g. --n {8 * rows}, or one --class-label")
     return torch.arange(n) % rows + (args.class_label or 0)
-
-
-def check_npz_space(path: str, n: int, side: int):
-    """--npz holds n uint8 images (side x side x 3) and n int64 labels, uncompressed."""
-    what = f"--npz {path}: {n} images of {side}x{side}"
-    RunFolder.check_space(path, n * (side * side * 3 + 8), what,
-                          "write it elsewhere, give a smaller --n, or free some space")
 
 
 def load_vae(args) -> tuple:
@@ -257,7 +250,7 @@ def prepare_fid(args, loaded: Loaded) -> dict:
     data, size = loaded.data, loaded.image_size
     if os.path.isabs(data) and not os.path.isdir(data):  # a folder (built-ins are names)
         fail(f"--fid: the run trained on {data}, which is gone; FID needs those images")
-    reference, _, _ = load_data(data, data_dir(args, loaded), size)  # (N, 3, H, W) uint8
+    reference, _, _ = load_data(data, loaded.data_dir, size)  # (N, 3, H, W) uint8
     # torch-fidelity caches the reference's statistics under a key: a hash of the images and the
     # Inception weights, so that edited images or other weights are measured again
     key = hashlib.sha1(reference.contiguous().numpy())
@@ -299,12 +292,12 @@ def fid_of_run(args):
     """Each snapshot not yet in fid.csv with these settings, oldest first, a row written as soon as
     it is scored; all see the same noise and labels (--seed): arms differ only by their weights."""
     folder, path = args.fid_run, os.path.join(args.fid_run, "fid.csv")
-    RunFolder.check_one_run(folder, "--fid")
+    RunFiles.check_one_run(folder, "--fid")
     snapshots = {int(m[1]): os.path.join(folder, m[0]) for m in
                  (re.fullmatch(r"ema_(\d+)\.pt", name) for name in os.listdir(folder)) if m}
     last = os.path.join(folder, "last.pt")
     if os.path.isfile(last):  # its step, unless a snapshot has it
-        snapshots.setdefault(RunFolder.load_checkpoint(last)["step"], last)
+        snapshots.setdefault(RunFiles.load_checkpoint(last)["step"], last)
     if not snapshots:
         fail(f"--fid {folder}: no checkpoint in it (ema_<step>.pt or last.pt of train_cifar.py)")
     settings = {"n": args.n or 10_000} | {k: getattr(args, k) for k in FID_FIELDS[3:]}
@@ -319,7 +312,7 @@ def fid_of_run(args):
             labels, options = check_flags(args, loaded), prepare_fid(args, loaded)
         fid = compute_fid(generate(args, loaded, labels), options)
         as_read_back = {k: str(v) for k, v in settings.items()}  # as `done` compares them
-        RunFolder.append(path, FID_FIELDS, [{"step": step, "fid": f"{fid:.6g}", **as_read_back}])
+        RunFiles.append(path, FID_FIELDS, [{"step": step, "fid": f"{fid:.6g}", **as_read_back}])
         print(f"step {step}: FID {fid:.2f} -> {path}")
 
 
@@ -329,7 +322,7 @@ def probe_checkpoint(args, loaded: Loaded, encode=None):
     latent model), as a table and a CSV: the same probe as in training (run_probe)."""
     model, step = loaded.model, loaded.step
     source = args.probe_data or loaded.data  # a latent model sees 8x smaller latents (SD-VAE)
-    folder = data_dir(args, loaded)  # official weights: --probe-data may be cifar10
+    folder = loaded.data_dir  # official weights: --probe-data may be cifar10
     size = loaded.image_size * (8 if encode else 1)
     images, labels, _ = load_data(source, folder, size)
     data = probe_split(source, folder, images, labels, encode)
@@ -356,7 +349,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         write_outputs(args)
-    except RunFolder.WriteFailed as error:  # a full disk: one line; what was written is whole
+    except RunFiles.WriteFailed as error:  # a full disk: one line; what was written is whole
         fail(f"{error}; no part of it is left, and the files written before it are whole")
 
 
@@ -379,10 +372,10 @@ def write_outputs(args):
     if args.grid:  # one row per class: labels sorted, each class's images in drawing order
         columns = len(labels) // len(labels.unique())
         by_class = images[labels.argsort(stable=True)].permute(0, 3, 1, 2)
-        RunFolder.write_grid(by_class, args.grid, columns)
+        RunFiles.write_grid(by_class, args.grid, columns)
     if args.npz:
         arrays = {"arr_0": images.numpy(), "arr_1": labels.numpy()}
-        RunFolder.write(args.npz, lambda f: np.savez(f, **arrays))
+        RunFiles.write(args.npz, lambda f: np.savez(f, **arrays))
     print(f"{len(images)} images from {loaded.name}, {args.method} {args.steps} steps, cfg "
           f"{args.cfg_scale}" + "".join(f"; wrote {out}" for out in (args.grid, args.npz) if out))
     if args.fid:
@@ -409,8 +402,8 @@ def read_run(folder: str) -> Run:
     metrics, ckpt = os.path.join(folder, "metrics.csv"), os.path.join(folder, "last.pt")
     if not (os.path.isfile(metrics) and os.path.isfile(ckpt)):
         fail(f"--compare {folder}: not a train_cifar.py run folder (it needs metrics.csv, last.pt)")
-    RunFolder.check_one_run(folder, "--compare")
-    config, rows = RunFolder.load_checkpoint(ckpt)["config"], read_csv(metrics)
+    RunFiles.check_one_run(folder, "--compare")
+    config, rows = RunFiles.load_checkpoint(ckpt)["config"], read_csv(metrics)
     curves = {name: {int(row["step"]): float(row[name]) for row in rows}
               for name in ("fm", "layersync")}
     fid = read_csv(os.path.join(folder, "fid.csv"))  # the rows with the settings of its last row
@@ -676,7 +669,7 @@ def compare_figure(arms: list, path: str):
                                markersize=10, markeredgecolor="black")
                         for colour, style, marker, label in legend(arms, colours, ts, styles)],
                loc="outside upper center", ncols=8, fontsize=11)  # one legend for every panel
-    RunFolder.write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    RunFiles.write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     print(f"figure: {path}")
 
 

@@ -1,9 +1,12 @@
 """Tests for layersync.py, train_cifar.py and sample.py: `python -m pytest -q`, on the CPU (the CUDA
 group runs only where a GPU is visible).
 
-Helpers and fixtures first, then the tests by subject: the method (layersync.py); run and resume;
-refusals; signals and crashes; the probe; sample and compare; torchrun; CUDA (skipped without a
-GPU) and the dry run of the prepared GPU script, .ci/gpu.
+In the reader's order: first the method (layersync.py), each subject with its small helpers beside
+it, with no script, no subprocess and no file: the loss, record_blocks, the SiT, the objective, the
+samplers, the probe. Then the README's examples; then the scripts: run and resume, refusals,
+signals and crashes, a full disk, the probe of a run, sample and compare, FID, the official
+weights, torchrun; last CUDA (skipped without a GPU), its paths on fake tensors, and the dry run of
+the prepared GPU script, .ci/gpu.
 """
 
 import argparse
@@ -39,63 +42,58 @@ import train_cifar
 # tiny models run many times slower when torch's threads outnumber free cores (CI shares 2)
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ("--model SiT-S/4 --depth 3 --hidden-size 32 --num-heads 2 --image-size 8 --batch-size 8 "
-        "--sample-steps 2 --device cpu").split()
 
 
-# ================================================================ helpers and fixtures
+# ================================================================ 1. the method (layersync.py)
+# No script, no subprocess, no file: the functions a reader copies, on tensors made here.
 
-def tiny_sit(depth=4, seed=0, perturb=True, **overrides):
-    """A small SiT; `perturb` replaces the zero adaLN-Zero init so blocks and outputs differ."""
-    torch.manual_seed(seed)
-    kwargs = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=depth,
-                  num_heads=4, num_classes=5)
-    kwargs.update(overrides)
-    model = L.SiT(**kwargs)
-    if perturb:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "adaLN" in name or "final_layer.linear" in name:
-                    p.normal_(0, 0.1)
-    return model
-
-
-def batch(model, n=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    size = model.x_embedder.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
-    x = torch.randn(n, model.in_channels, size, size, generator=g)
-    y = torch.randint(0, model.num_classes, (n,), generator=g)
-    return x, y
-
+# ---------------------------------------------------------------- the loss, Eq. 2
 
 def cosine_formula(student, teacher):
     a, b = student.double(), teacher.double()
     return -((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean()
 
 
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+@pytest.mark.parametrize("shape", [(16,), (3, 16), (4, 7, 16), (2, 3, 5, 8)])
+def test_loss_equals_formula_on_any_leading_shape(shape):
+    torch.manual_seed(0)
+    student, teacher = torch.randn(shape), torch.randn(shape)
+    assert L.layersync_loss(student, teacher).shape == ()
+    assert torch.allclose(L.layersync_loss(student, teacher).double(),
+                          cosine_formula(student, teacher), atol=1e-6)
 
 
-def loss_and_grads(model, x, y, pairs, weight, seed=0):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    out = L.training_loss(model, x, y, pairs, weight)
-    out["loss"].backward()
-    return out, grads(model)
+def test_loss_gradient_reaches_the_student_only():
+    torch.manual_seed(0)
+    student = torch.randn(4, 9, 16, requires_grad=True)
+    teacher = torch.randn(4, 9, 16, requires_grad=True)
+    L.layersync_loss(student, teacher).backward()
+    assert teacher.grad is None  # Eq. 2 stop-gradient
+    # the gradient into the student is the formula's
+    w = student.detach().double().requires_grad_()
+    cosine_formula(w, teacher.detach()).backward()
+    assert torch.allclose(student.grad.double(), w.grad, atol=1e-7)
+    assert student.grad.abs().sum() > 0
 
 
-MU, S = 1.5, 0.5
+def test_loss_extremes_and_scale_invariance():
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 11, 24), torch.randn(5, 11, 24)
+    assert L.layersync_loss(a, a.clone()).item() == pytest.approx(-1.0, abs=1e-6)
+    assert L.layersync_loss(a, -a).item() == pytest.approx(1.0, abs=1e-6)
+    base = L.layersync_loss(a, b)
+    assert torch.allclose(L.layersync_loss(3.7 * a, 0.02 * b), base, atol=1e-6)
+    # per-token scales too: the cosine ignores each token's norm
+    scale = torch.rand(5, 11, 1) + 0.1
+    assert torch.allclose(L.layersync_loss(a * scale, b), base, atol=1e-6)
 
 
-def gaussian_velocity(x, t):
-    """Exact marginal velocity of the linear interpolant for data N(mu, s^2 I): with
-    S_t = t^2 s^2 + (1 - t)^2, v = mu + (t s^2 - (1 - t)) / S_t (x - t mu); its flow maps noise z
-    to mu + s z (mu != 0 keeps the field asymmetric in time, so Heun shows its true order)."""
-    t = t.view(-1, *([1] * (x.dim() - 1)))
-    s_t = t ** 2 * S ** 2 + (1 - t) ** 2
-    return MU + (t * S ** 2 - (1 - t)) / s_t * (x - t * MU)
+def test_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        L.layersync_loss(torch.randn(2, 4, 8), torch.randn(2, 4, 16))
 
+
+# ---------------------------------------------------------------- record_blocks, on others' models
 
 def tiny_vit(depth=4, seed=0):
     """torchvision's VisionTransformer, tiny: 16 patches + a class token, width 16."""
@@ -134,6 +132,455 @@ class TupleBlock(torch.nn.Module):
         return self.block(x), x.mean()
 
 
+# the small SiT of the tests below, and a batch of its inputs
+def tiny_sit(depth=4, seed=0, perturb=True, **overrides):
+    """A small SiT; `perturb` replaces the zero adaLN-Zero init so blocks and outputs differ."""
+    torch.manual_seed(seed)
+    kwargs = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=depth,
+                  num_heads=4, num_classes=5)
+    kwargs.update(overrides)
+    model = L.SiT(**kwargs)
+    if perturb:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "adaLN" in name or "final_layer.linear" in name:
+                    p.normal_(0, 0.1)
+    return model
+
+
+def batch(model, n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    size = model.x_embedder.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
+    x = torch.randn(n, model.in_channels, size, size, generator=g)
+    y = torch.randint(0, model.num_classes, (n,), generator=g)
+    return x, y
+
+
+def test_record_blocks_equals_the_blocks_by_hand():
+    model = tiny_vit()
+    images = torch.randn(3, 3, 16, 16)
+    with L.record_blocks(model.encoder.layers, [1, 3, 4]) as out:
+        logits = model(images)
+    by_hand = vit_blocks_by_hand(model, images)
+    assert sorted(out) == [1, 3, 4]
+    for k in (1, 3, 4):
+        assert out[k].shape == (3, 17, 16)
+        assert torch.equal(out[k], by_hand[k - 1]), k
+    assert not torch.equal(out[1], out[3])
+    assert torch.equal(logits, model(images))  # recording never changes the output
+    with pytest.raises(KeyError, match="block 2 has not run"):
+        out[2]
+
+
+def test_record_blocks_gradient_reaches_blocks_up_to_k_only():
+    model = tiny_vit(depth=4)
+    with L.record_blocks(model.encoder.layers, [2, 4]) as out:
+        model(torch.randn(3, 3, 16, 16))
+    L.layersync_loss(out[2], out[4]).backward()  # the LayerSync term alone
+    for i, block in enumerate(model.encoder.layers):
+        grad = sum(p.grad.abs().sum() for p in block.parameters() if p.grad is not None)
+        assert (grad > 0) == (i < 2), (i, grad)  # blocks 1..k learn, blocks after k do not
+    assert model.conv_proj.weight.grad.abs().sum() > 0
+    assert model.heads.head.weight.grad is None
+
+
+def test_record_blocks_removes_its_hooks_on_exit_and_on_error():
+    model = tiny_vit()
+    blocks = model.encoder.layers
+    with L.record_blocks(blocks, [1, 2, 2]) as out:  # a repeated number gets one hook
+        assert hook_count(blocks) == 2
+        model(torch.randn(2, 3, 16, 16))
+        first = out[1].clone()
+        model(torch.randn(2, 3, 16, 16))  # a second forward overwrites the first one's outputs
+        assert not torch.equal(out[1], first)
+    assert hook_count(blocks) == 0
+    blocks[1].ln_1 = torch.nn.LayerNorm(8)  # block 2 now raises, after block 1's hook has run
+    with pytest.raises(RuntimeError):
+        with L.record_blocks(blocks, [1, 2]) as out:
+            model(torch.randn(2, 3, 16, 16))
+    assert 1 in out and 2 not in out
+    assert hook_count(blocks) == 0
+
+
+@pytest.mark.parametrize("numbers", [[0, 2], [5], [1, 4.0], [True, 2], []])
+def test_record_blocks_refuses_bad_block_numbers_before_registering(numbers):
+    blocks = tiny_vit(depth=4).encoder.layers
+    with pytest.raises(ValueError, match=r"integers in 1\.\.4"):
+        with L.record_blocks(blocks, numbers):
+            pass
+    assert hook_count(blocks) == 0
+    with L.record_blocks(blocks, [np.int64(1), torch.tensor(4)]) as out:  # integer types are fine
+        assert hook_count(blocks) == 2 and not out
+
+
+def test_record_blocks_pick_selects_the_tensor_of_a_tuple_output():
+    model = tiny_vit()
+    blocks = torch.nn.ModuleList(TupleBlock(b) for b in model.encoder.layers)
+    x = torch.randn(2, 17, 16)
+    with L.record_blocks(blocks, [1, 3], pick=lambda out: out[0]) as out:
+        h, by_hand = x, []
+        for block in blocks:
+            h, _ = block(h)
+            by_hand.append(h)
+    assert torch.equal(out[1], by_hand[0]) and torch.equal(out[3], by_hand[2])
+    with pytest.raises(TypeError, match="returned tuple.*pick="):
+        with L.record_blocks(blocks, [1]) as unpicked:
+            blocks[0](x)
+    assert hook_count(blocks) == 0 and 1 not in unpicked  # the tuple was never recorded
+
+
+def test_record_blocks_on_the_sit_gives_training_loss_eq2():
+    model = tiny_sit(depth=4)
+    x, y = batch(model)
+    with L.record_blocks(model.blocks, [1, 3]) as out:
+        torch.manual_seed(3)
+        losses = L.training_loss(model, x, y, [(1, 3)], 0.2)
+    assert torch.equal(L.layersync_loss(out[1], out[3]).detach(), losses["layersync"])
+    # and the hooked outputs are SiT.forward's own return_layers
+    model.eval()
+    t = torch.rand(len(x))
+    with L.record_blocks(model.blocks, [2, 4]) as out:
+        _, (h2, h4) = model(x, t, y, return_layers=(2, 4))
+    assert torch.equal(out[2], h2) and torch.equal(out[4], h4)
+
+
+# ---------------------------------------------------------------- the SiT
+
+@pytest.mark.parametrize("name,input_size,channels", [
+    ("SiT-S/2", 32, 3), ("SiT-S/4", 32, 3), ("SiT-S/8", 32, 3), ("SiT-B/4", 16, 4), ("SiT-L/8", 64,
+                                                                                     1)])
+def test_shapes_and_zero_output_at_init(name, input_size, channels):
+    model = L.SiT_models[name](input_size=input_size, in_channels=channels, num_classes=10, depth=2)
+    x = torch.randn(3, channels, input_size, input_size)
+    v, (h,) = model(x, torch.rand(3), torch.tensor([0, 5, 9]), return_layers=(2,))
+    assert v.shape == x.shape
+    patch = int(name[-1])
+    assert h.shape == (3, (input_size // patch) ** 2, model.pos_embed.shape[-1])
+    assert torch.equal(v, torch.zeros_like(v))  # adaLN-Zero: exactly zero at init
+
+
+def test_return_layers_contract():
+    model = tiny_sit(depth=4).eval()  # eval: no random label dropout between the calls
+    x, y = batch(model)
+    t = torch.rand(len(x))
+    v = model(x, t, y)
+    assert v.abs().sum() > 0
+    v2, hs = model(x, t, y, return_layers=(3, 1, 4))
+    assert torch.equal(v, v2)  # asking for layers never changes the velocity
+    assert [h.shape for h in hs] == [(6, 16, 32)] * 3
+    _, (h1, h3, h4) = model(x, t, y, return_layers=(1, 3, 4))
+    assert torch.equal(hs[0], h3) and torch.equal(hs[1], h1) and torch.equal(hs[2], h4)
+    assert not torch.equal(h1, h3)
+    # h_k is the residual stream after block k: feeding h_4 to the head reproduces v
+    c = model.t_embedder(t) + model.y_embedder(y)
+    assert torch.allclose(model.unpatchify(model.final_layer(h4, c)), v)
+    # and block k+1 applied to h_k gives h_{k+1}
+    _, (h2,) = model(x, t, y, return_layers=(2,))
+    assert torch.allclose(model.blocks[2](h2, c), h3)
+    # block 0 is the embedded input tokens, what block 1 reads
+    _, (h0,) = model(x, t, y, return_layers=(0,))
+    assert torch.equal(h0, model.x_embedder(x).flatten(2).transpose(1, 2) + model.pos_embed)
+    assert torch.allclose(model.blocks[0](h0, c), h1)
+    for bad in [(-1,), (5,)]:
+        with pytest.raises(ValueError, match="numbered 1..4"):
+            model(x, t, y, return_layers=bad)
+
+
+# the trainable parameter counts of the official SiT code (willisma/SiT models.py) with
+# learn_sigma off (its default, learn_sigma=True, adds the 2C-channel head), position table excluded
+CIFAR_COUNTS = {"SiT-S/2": 32_475_660, "SiT-B/2": 129_537_036,
+                "SiT-L/2": 456_802_316, "SiT-XL/2": 673_666_572}
+
+
+@pytest.mark.parametrize("name", sorted(CIFAR_COUNTS))
+def test_parameter_counts_match_official_sit(name):
+    with torch.device("meta"):
+        model = L.SiT_models[name](input_size=32, in_channels=3, num_classes=10)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == CIFAR_COUNTS[name]
+    assert "pos_embed" not in dict(model.named_parameters())  # fixed, not trained
+
+
+def test_parameter_count_imagenet_latents_xl2():
+    with torch.device("meta"):
+        model = L.SiT_models["SiT-XL/2"]()  # defaults: 32x32x4 latents, 1000 classes
+    assert sum(p.numel() for p in model.parameters()) == 674_816_272
+
+
+def test_timestep_embedding_is_cos_then_sin_of_raw_t():
+    embedder = L.TimestepEmbedder(8)
+    embedder.mlp = torch.nn.Identity()
+    t = torch.tensor([0.0, 0.3])
+    freqs = torch.exp(-math.log(10000) * torch.arange(128) / 128)
+    expected = torch.cat([torch.cos(0.3 * freqs), torch.sin(0.3 * freqs)])
+    emb = embedder(t)
+    assert torch.equal(emb[0], torch.cat([torch.ones(128), torch.zeros(128)]))
+    assert torch.allclose(emb[1], expected, atol=1e-6)
+
+
+def test_position_embedding_is_fixed_sincos():
+    model = tiny_sit(perturb=False)
+    pos = model.pos_embed[0]  # (16 tokens, 32 channels), 4x4 grid
+    assert pos.shape == (16, 32)
+    # token 1 is row 0, column 1: first half encodes the column, sin(1) at frequency 1
+    assert pos[1, 0].item() == pytest.approx(math.sin(1.0), abs=1e-6)
+    assert pos[4, 16].item() == pytest.approx(math.sin(1.0), abs=1e-6)  # row 1, column 0
+    assert pos[4, 0].item() == 0.0 and "pos_embed" not in model.state_dict()
+
+
+def test_label_dropout_uses_null_class_only_in_training():
+    model = tiny_sit(class_dropout_prob=1.0)
+    emb = model.y_embedder
+    y = torch.tensor([0, 1, 2, 3, 4])
+    null = emb.table.weight[5]
+    emb.train()
+    assert torch.equal(emb(y), null.expand(5, -1))
+    emb.eval()
+    assert torch.equal(emb(y), emb.table.weight[:5])
+    emb.dropout_prob = 0.1
+    emb.train()
+    torch.manual_seed(0)
+    dropped = (emb(torch.zeros(20000, dtype=torch.long)) == null).all(-1).float().mean()
+    assert abs(dropped.item() - 0.1) < 0.01
+    assert tiny_sit(class_dropout_prob=0.0).y_embedder.table.num_embeddings == 5  # no null row
+
+
+# ---------------------------------------------------------------- the objective, Eq. 1 + 3
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def loss_and_grads(model, x, y, pairs, weight, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = L.training_loss(model, x, y, pairs, weight)
+    out["loss"].backward()
+    return out, grads(model)
+
+
+def test_objective_is_fm_plus_weighted_layersync():
+    model = tiny_sit()
+    x, y = batch(model)
+    out = L.training_loss(model, x, y, [(1, 3)], 0.7)
+    assert out["loss"].shape == out["fm"].shape == out["layersync"].shape == ()
+    assert torch.allclose(out["loss"], out["fm"] + 0.7 * out["layersync"])
+    # fm is Eq. 1 for the same draws: redo them by hand
+    torch.manual_seed(5)
+    out = L.training_loss(model.eval(), x, y, [(1, 3)], 0.7)
+    torch.manual_seed(5)
+    x0, t = torch.randn_like(x), torch.rand(len(x))
+    xt = t[:, None, None, None] * x + (1 - t[:, None, None, None]) * x0
+    v, (h1, h3) = model(xt, t, y, return_layers=(1, 3))
+    assert torch.allclose(out["fm"], ((v - (x - x0)) ** 2).mean())
+    assert torch.allclose(out["layersync"], L.layersync_loss(h1, h3))
+
+
+def test_zero_weight_is_exactly_the_baseline():
+    model = tiny_sit()
+    x, y = batch(model)
+    base, g_base = loss_and_grads(model, x, y, (), 0.0)
+    zero, g_zero = loss_and_grads(model, x, y, [(1, 3)], 0.0)
+    assert torch.equal(base["loss"], zero["loss"]) and base["layersync"] == 0
+    assert zero["layersync"] < 0  # still measured, for comparing runs
+    assert g_base.keys() == g_zero.keys()
+    assert all(torch.equal(g_base[n], g_zero[n]) for n in g_base)
+
+
+def test_regulariser_gradient_reaches_blocks_up_to_k_only():
+    model = tiny_sit(depth=4)
+    x, y = batch(model)
+    _, g0 = loss_and_grads(model, x, y, [(2, 4)], 0.0)
+    _, g1 = loss_and_grads(model, x, y, [(2, 4)], 1.0)
+    reg = {n: g1[n] - g0[n] for n in g0}
+    for n, g in reg.items():
+        deep = n.startswith(("blocks.2.", "blocks.3.", "final_layer"))
+        if deep:
+            assert torch.equal(g, torch.zeros_like(g)), n  # stop-gradient: nothing after block k
+    for i in (0, 1):
+        assert sum(g.abs().sum() for n, g in reg.items() if n.startswith(f"blocks.{i}.")) > 0
+    assert reg["x_embedder.weight"].abs().sum() > 0
+
+
+def test_every_pair_counts():
+    model = tiny_sit(depth=4)
+    x, y = batch(model)
+    values = []
+    for pairs in ([(1, 3)], [(2, 4)], [(1, 3), (2, 4)]):
+        torch.manual_seed(3)
+        values.append(L.training_loss(model, x, y, pairs, 0.2)["layersync"])
+    assert not torch.allclose(values[0], values[1])
+    assert torch.allclose(values[2], (values[0] + values[1]) / 2)
+
+
+@pytest.mark.parametrize("pairs,message", [
+    ([(3, 3)], "shallower"), ([(7, 3)], "shallower"), ([(0, 2)], "at least 1"),
+    ([(3, 13)], "only 12 blocks"), ([("3", 7)], "two block numbers"), ([(1, 2, 3)],
+                                                                       "two block numbers"),
+    ([(True, 2)], "two block numbers"), ([(3, 7), (8, 8)], "(8, 8)")])
+def test_bad_pairs_raise_a_clear_error(pairs, message):
+    with torch.device("meta"):
+        model = L.SiT_models["SiT-S/8"](input_size=32, in_channels=3, num_classes=10)
+    with pytest.raises(ValueError, match=r"e\.g\. 3:7") as error:
+        L.check_layersync_pairs(pairs, 12)
+    assert message in str(error.value)
+    x = torch.zeros(2, 3, 32, 32, device="meta")
+    with pytest.raises(ValueError):
+        L.training_loss(model, x, torch.zeros(2, dtype=torch.long, device="meta"), pairs, 0.2)
+
+
+def test_default_pair_scales_the_papers_choice():
+    assert L.default_layersync_pair(28) == (8, 16)  # the paper's SiT-XL/2 setting
+    assert L.default_layersync_pair(12) == (3, 7)
+    for depth in range(2, 40):
+        k, kk = L.default_layersync_pair(depth)
+        assert 1 <= k < kk <= depth
+        if depth >= 5:
+            assert kk <= 0.8 * depth  # teacher outside the last ~20% (Sec. 3.4)
+    with pytest.raises(ValueError):
+        L.default_layersync_pair(1)
+
+
+def test_training_step_compiles_without_graph_breaks():
+    model = tiny_sit()
+    x, y = batch(model)
+
+    def step(x, y):
+        return L.training_loss(model, x, y, [(1, 3)], 0.2)["loss"]
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)  # fullgraph: breaks raise
+    torch.manual_seed(0)
+    eager = step(x, y)
+    torch.manual_seed(0)
+    assert torch.allclose(compiled(x, y), eager, atol=1e-6)
+
+
+def test_library_refuses_its_traps():
+    model = tiny_sit(depth=4)
+    x, y = batch(model)
+    with pytest.raises(ValueError, match="plain baseline"):
+        L.training_loss(model, x, y, (), 0.2)  # the public code's trap: a weight but no pair
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        L.training_loss(model, x, y, [(1, 3)], float("nan"))
+    with pytest.raises(ValueError, match="empty"):
+        L.training_loss(model, x[:0], y[:0], [(1, 3)], 0.2)
+    torch.manual_seed(0)
+    plain = L.training_loss(model, x, y, [(1, 3)], 0.2)["loss"]
+    for pair in [(np.int64(1), np.int32(3)), (torch.tensor(1), torch.tensor(3)), [1, 3]]:
+        assert L.check_layersync_pairs([pair], 4) == [(1, 3)]
+        torch.manual_seed(0)
+        assert torch.equal(L.training_loss(model, x, y, [pair], 0.2)["loss"], plain)
+    for bad in [(1.0, 3), (torch.tensor(1.5), 3), "13"]:
+        with pytest.raises(ValueError, match="two block numbers"):
+            L.check_layersync_pairs([bad], 4)
+
+
+# ---------------------------------------------------------------- samplers
+
+MU, S = 1.5, 0.5
+
+
+def gaussian_velocity(x, t):
+    """Exact marginal velocity of the linear interpolant for data N(mu, s^2 I): with
+    S_t = t^2 s^2 + (1 - t)^2, v = mu + (t s^2 - (1 - t)) / S_t (x - t mu); its flow maps noise z
+    to mu + s z (mu != 0 keeps the field asymmetric in time, so Heun shows its true order)."""
+    t = t.view(-1, *([1] * (x.dim() - 1)))
+    s_t = t ** 2 * S ** 2 + (1 - t) ** 2
+    return MU + (t * S ** 2 - (1 - t)) / s_t * (x - t * MU)
+
+
+@pytest.mark.parametrize("method,order", [("euler", 1.0), ("heun", 2.0)])
+def test_sampler_converges_with_its_order(method, order):
+    z = torch.randn(512, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = MU + S * z
+    errors = [(L.sample(gaussian_velocity, z, steps=n, method=method) - exact).abs().max().item()
+              for n in (16, 32, 64)]
+    observed = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert all(abs(o - order) < 0.15 for o in observed), observed
+    assert errors[-1] < (5e-2 if method == "euler" else 5e-4)
+
+
+@pytest.mark.parametrize("method,calls", [("euler", 7), ("heun", 14)])
+def test_sampler_evaluation_count_and_time_argument(method, calls):
+    seen = []
+
+    def velocity_fn(x, t):
+        assert t.shape == (x.shape[0],) and t.dtype == x.dtype
+        seen.append(t[0].item())
+        return torch.zeros_like(x)
+    noise = torch.randn(3, 2)
+    assert torch.equal(L.sample(velocity_fn, noise, steps=7, method=method), noise)
+    assert len(seen) == calls and seen[0] == 0.0 and max(seen) <= 1.0
+    with pytest.raises(ValueError, match="euler"):
+        L.sample(velocity_fn, noise, method="rk4")
+
+
+def test_guided_velocity_is_the_cfg_formula_in_one_forward():
+    model = tiny_sit().eval()
+    x, y = batch(model)
+    t = torch.rand(len(x))
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    v = L.guided_velocity(model, y, 4.0)(x, t)
+    assert calls == [2 * len(x)]  # conditional + unconditional batched together
+    v_c, v_u = model(x, t, y), model(x, t, torch.full_like(y, 5))
+    assert torch.allclose(v, v_u + 4.0 * (v_c - v_u), atol=1e-5)
+    calls.clear()
+    assert torch.equal(L.guided_velocity(model, y, 1.0)(x, t), v_c)
+    assert calls == [len(x)]  # scale 1: no extra forward
+    with pytest.raises(ValueError, match="eval"):
+        L.guided_velocity(model.train(), y, 2.0)
+
+
+# ---------------------------------------------------------------- the probe, and learning
+
+def test_probe_reads_a_linear_label_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (1200,), generator=g)
+    noise = torch.randn(1200, 24, generator=g)
+    carrying = noise.clone()
+    carrying[:, :10] = F.one_hot(labels, 10)  # the class, exactly, in 10 of 24 dimensions
+    accuracy = L.ridge_probe_accuracy(carrying[:800], labels[:800], carrying[800:], labels[800:],
+                                      10)
+    assert accuracy == 1.0
+    chance = L.ridge_probe_accuracy(noise[:800], labels[:800], noise[800:], labels[800:], 10)
+    assert abs(chance - 0.1) < 0.06  # 400 scored samples: chance within about 3 sigma
+
+
+def test_probe_sees_the_null_label_only():
+    model = tiny_sit(depth=3).eval()
+    images = torch.rand(5, 3, 8, 8) * 2 - 1
+    features, cosine, update = L.block_features(model, images, 0.5, teacher=3)
+    assert features.shape == (3, 5, 32) and cosine.shape == update.shape == (3,)
+    assert cosine[2].item() == pytest.approx(1.0, abs=1e-5)  # the teacher against itself
+    # rebuild x_t by hand: the probe's features are the model's on the null class (5) ...
+    x0 = torch.randn(images.shape, generator=torch.Generator().manual_seed(1234))  # default seed
+    xt = 0.5 * images + 0.5 * x0
+    t = torch.full((5,), 0.5)
+    _, hidden = model(xt, t, torch.full((5,), 5), return_layers=(0, 1, 2, 3))
+    assert torch.allclose(features, torch.stack([h.mean(1) for h in hidden[1:]]), atol=1e-5)
+    by_hand = [((h - h_in).norm(dim=-1) / h_in.norm(dim=-1)).mean()  # h_0: the input tokens
+               for h_in, h in zip(hidden, hidden[1:])]
+    assert torch.allclose(update, torch.stack(by_hand), atol=1e-5)
+    hidden = hidden[1:]
+    # ... whatever the true labels are, which do change the blocks' features
+    _, labelled = model(xt, t, torch.arange(5), return_layers=(1, 2, 3))
+    assert not torch.allclose(features, torch.stack([h.mean(1) for h in labelled]), atol=1e-3)
+    with pytest.raises(ValueError, match="null class"):
+        L.block_features(tiny_sit(class_dropout_prob=0.0), images, 1.0)
+
+
+def test_probe_on_the_trained_colour_toy(trained_colour_model):
+    probe = probe_colour_model(trained_colour_model)
+    assert sorted(probe.accuracy) == sorted(probe.teacher_cosine) == [0.0, 1.0]
+    assert all(sorted(blocks) == [1, 2, 3, 4] for blocks in probe.accuracy.values())  # from 1
+    clean, noise_only = probe.accuracy[1.0].values(), probe.accuracy[0.0].values()
+    assert max(clean) >= 0.9  # chance is 0.25: some block reads the class
+    # at t = 0 the input is pure noise; with the label hidden, no block can know the class
+    assert max(noise_only) <= 0.45, noise_only
+    assert probe.teacher_cosine[1.0][3] == pytest.approx(1.0,
+                                                         abs=1e-5)  # the teacher against itself
+    assert probe == probe_colour_model(trained_colour_model)  # deterministic
+
+
 COLOURS = torch.tensor([[0.8, -0.8, -0.8], [-0.8, 0.8, -0.8], [-0.8, -0.8, 0.8], [0.5, 0.5, -0.5]])
 
 
@@ -166,6 +613,51 @@ def probe_colour_model(model):
     return L.linear_probe(model.eval(), (colour_images(fit_y, 1), fit_y),
                           (colour_images(test_y, 2), test_y),
                           [1.0, 0.0], teacher=3)
+
+
+def test_tiny_sit_learns_class_colours(trained_colour_model):
+    """Samples must come back in their class's colour."""
+    model = trained_colour_model
+    torch.manual_seed(1)
+    y = torch.arange(4).repeat_interleave(32)
+    images = L.sample(L.guided_velocity(model, y, 1.5), torch.randn(128, 3, 8, 8), steps=10)
+    pixels = images.view(4, 32, 3, 64)
+    assert (pixels.mean(dim=(1, 3)) - COLOURS).abs().max() < 0.1, pixels.mean(dim=(1, 3))
+    assert pixels.std(dim=(1, 3)).max() < 0.3  # the noise was turned into images, not kept
+
+
+# ================================================================ 2. the README's examples, run
+
+def test_readme_hook_example_runs_as_printed():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    example, = [block for block in re.findall(r"```python\n(.*?)```", readme,
+                                              re.S) if "record_blocks(" in block]
+    scope = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    assert scope["student"].shape == scope["teacher"].shape == (8, 64, 384)  # no class token
+    assert torch.isfinite(scope["loss"]) and hook_count(scope["model"].encoder.layers) == 0
+
+
+def test_readme_paper_to_code_map_names_what_layersync_py_defines():
+    """Each name in the last column of the README's paper-to-code table is defined in
+    layersync.py (SiT.forward: the method of that class)."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme.split("## Paper to code")[1].split("\n## ")[0]
+    cells = [line.rstrip(" |").rsplit("|", 1)[-1] for line in section.splitlines()
+             if line.startswith("| ")]
+    names = set(re.findall(r"`([A-Za-z_][A-Za-z_.]*)`", "".join(cells)))
+    assert {"layersync_loss", "record_blocks", "training_loss", "sample", "linear_probe"} <= names
+    for name in names:
+        owner = L
+        for part in name.split("."):
+            assert hasattr(owner, part), name
+            owner = getattr(owner, part)
+
+
+# ================================================================ helpers of the scripts' tests
+
+TINY = ("--model SiT-S/4 --depth 3 --hidden-size 32 --num-heads 2 --image-size 8 --batch-size 8 "
+        "--sample-steps 2 --device cpu").split()
 
 
 @pytest.fixture
@@ -300,424 +792,6 @@ DDP = ["--batch-size", "12", "--lr", "3e-3", "--log-every", "4", "--sample-every
        "--ckpt-every", "1000", "--probe-every", "0"]
 
 
-# ================================================================ 1. the method (layersync.py)
-
-# ---------------------------------------------------------------- the loss, Eq. 2
-
-@pytest.mark.parametrize("shape", [(16,), (3, 16), (4, 7, 16), (2, 3, 5, 8)])
-def test_loss_equals_formula_on_any_leading_shape(shape):
-    torch.manual_seed(0)
-    student, teacher = torch.randn(shape), torch.randn(shape)
-    assert L.layersync_loss(student, teacher).shape == ()
-    assert torch.allclose(L.layersync_loss(student, teacher).double(),
-                          cosine_formula(student, teacher), atol=1e-6)
-
-
-def test_loss_gradient_reaches_the_student_only():
-    torch.manual_seed(0)
-    student = torch.randn(4, 9, 16, requires_grad=True)
-    teacher = torch.randn(4, 9, 16, requires_grad=True)
-    L.layersync_loss(student, teacher).backward()
-    assert teacher.grad is None  # Eq. 2 stop-gradient
-    # the gradient into the student is the formula's
-    w = student.detach().double().requires_grad_()
-    cosine_formula(w, teacher.detach()).backward()
-    assert torch.allclose(student.grad.double(), w.grad, atol=1e-7)
-    assert student.grad.abs().sum() > 0
-
-
-def test_loss_extremes_and_scale_invariance():
-    torch.manual_seed(0)
-    a, b = torch.randn(5, 11, 24), torch.randn(5, 11, 24)
-    assert L.layersync_loss(a, a.clone()).item() == pytest.approx(-1.0, abs=1e-6)
-    assert L.layersync_loss(a, -a).item() == pytest.approx(1.0, abs=1e-6)
-    base = L.layersync_loss(a, b)
-    assert torch.allclose(L.layersync_loss(3.7 * a, 0.02 * b), base, atol=1e-6)
-    # per-token scales too: the cosine ignores each token's norm
-    scale = torch.rand(5, 11, 1) + 0.1
-    assert torch.allclose(L.layersync_loss(a * scale, b), base, atol=1e-6)
-
-
-def test_loss_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="same shape"):
-        L.layersync_loss(torch.randn(2, 4, 8), torch.randn(2, 4, 16))
-
-
-# ---------------------------------------------------------------- record_blocks, on others' models
-
-def test_record_blocks_equals_the_blocks_by_hand():
-    model = tiny_vit()
-    images = torch.randn(3, 3, 16, 16)
-    with L.record_blocks(model.encoder.layers, [1, 3, 4]) as out:
-        logits = model(images)
-    by_hand = vit_blocks_by_hand(model, images)
-    assert sorted(out) == [1, 3, 4]
-    for k in (1, 3, 4):
-        assert out[k].shape == (3, 17, 16)
-        assert torch.equal(out[k], by_hand[k - 1]), k
-    assert not torch.equal(out[1], out[3])
-    assert torch.equal(logits, model(images))  # recording never changes the output
-    with pytest.raises(KeyError, match="block 2 has not run"):
-        out[2]
-
-
-def test_record_blocks_gradient_reaches_blocks_up_to_k_only():
-    model = tiny_vit(depth=4)
-    with L.record_blocks(model.encoder.layers, [2, 4]) as out:
-        model(torch.randn(3, 3, 16, 16))
-    L.layersync_loss(out[2], out[4]).backward()  # the LayerSync term alone
-    for i, block in enumerate(model.encoder.layers):
-        grad = sum(p.grad.abs().sum() for p in block.parameters() if p.grad is not None)
-        assert (grad > 0) == (i < 2), (i, grad)  # blocks 1..k learn, blocks after k do not
-    assert model.conv_proj.weight.grad.abs().sum() > 0
-    assert model.heads.head.weight.grad is None
-
-
-def test_record_blocks_removes_its_hooks_on_exit_and_on_error():
-    model = tiny_vit()
-    blocks = model.encoder.layers
-    with L.record_blocks(blocks, [1, 2, 2]) as out:  # a repeated number gets one hook
-        assert hook_count(blocks) == 2
-        model(torch.randn(2, 3, 16, 16))
-        first = out[1].clone()
-        model(torch.randn(2, 3, 16, 16))  # a second forward overwrites the first one's outputs
-        assert not torch.equal(out[1], first)
-    assert hook_count(blocks) == 0
-    blocks[1].ln_1 = torch.nn.LayerNorm(8)  # block 2 now raises, after block 1's hook has run
-    with pytest.raises(RuntimeError):
-        with L.record_blocks(blocks, [1, 2]) as out:
-            model(torch.randn(2, 3, 16, 16))
-    assert 1 in out and 2 not in out
-    assert hook_count(blocks) == 0
-
-
-@pytest.mark.parametrize("numbers", [[0, 2], [5], [1, 4.0], [True, 2], []])
-def test_record_blocks_refuses_bad_block_numbers_before_registering(numbers):
-    blocks = tiny_vit(depth=4).encoder.layers
-    with pytest.raises(ValueError, match=r"integers in 1\.\.4"):
-        with L.record_blocks(blocks, numbers):
-            pass
-    assert hook_count(blocks) == 0
-    with L.record_blocks(blocks, [np.int64(1), torch.tensor(4)]) as out:  # integer types are fine
-        assert hook_count(blocks) == 2 and not out
-
-
-def test_record_blocks_pick_selects_the_tensor_of_a_tuple_output():
-    model = tiny_vit()
-    blocks = torch.nn.ModuleList(TupleBlock(b) for b in model.encoder.layers)
-    x = torch.randn(2, 17, 16)
-    with L.record_blocks(blocks, [1, 3], pick=lambda out: out[0]) as out:
-        h, by_hand = x, []
-        for block in blocks:
-            h, _ = block(h)
-            by_hand.append(h)
-    assert torch.equal(out[1], by_hand[0]) and torch.equal(out[3], by_hand[2])
-    with pytest.raises(TypeError, match="returned tuple.*pick="):
-        with L.record_blocks(blocks, [1]) as unpicked:
-            blocks[0](x)
-    assert hook_count(blocks) == 0 and 1 not in unpicked  # the tuple was never recorded
-
-
-def test_readme_hook_example_runs_as_printed():
-    readme = open(os.path.join(HERE, "README.md")).read()
-    example, = [block for block in re.findall(r"```python\n(.*?)```", readme,
-                                              re.S) if "record_blocks(" in block]
-    scope = {}
-    exec(compile(example, "README.md", "exec"), scope)
-    assert scope["student"].shape == scope["teacher"].shape == (8, 64, 384)  # no class token
-    assert torch.isfinite(scope["loss"]) and hook_count(scope["model"].encoder.layers) == 0
-
-
-def test_record_blocks_on_the_sit_gives_training_loss_eq2():
-    model = tiny_sit(depth=4)
-    x, y = batch(model)
-    with L.record_blocks(model.blocks, [1, 3]) as out:
-        torch.manual_seed(3)
-        losses = L.training_loss(model, x, y, [(1, 3)], 0.2)
-    assert torch.equal(L.layersync_loss(out[1], out[3]).detach(), losses["layersync"])
-    # and the hooked outputs are SiT.forward's own return_layers
-    model.eval()
-    t = torch.rand(len(x))
-    with L.record_blocks(model.blocks, [2, 4]) as out:
-        _, (h2, h4) = model(x, t, y, return_layers=(2, 4))
-    assert torch.equal(out[2], h2) and torch.equal(out[4], h4)
-
-
-# ---------------------------------------------------------------- the SiT
-
-@pytest.mark.parametrize("name,input_size,channels", [
-    ("SiT-S/2", 32, 3), ("SiT-S/4", 32, 3), ("SiT-S/8", 32, 3), ("SiT-B/4", 16, 4), ("SiT-L/8", 64,
-                                                                                     1)])
-def test_shapes_and_zero_output_at_init(name, input_size, channels):
-    model = L.SiT_models[name](input_size=input_size, in_channels=channels, num_classes=10, depth=2)
-    x = torch.randn(3, channels, input_size, input_size)
-    v, (h,) = model(x, torch.rand(3), torch.tensor([0, 5, 9]), return_layers=(2,))
-    assert v.shape == x.shape
-    patch = int(name[-1])
-    assert h.shape == (3, (input_size // patch) ** 2, model.pos_embed.shape[-1])
-    assert torch.equal(v, torch.zeros_like(v))  # adaLN-Zero: exactly zero at init
-
-
-def test_return_layers_contract():
-    model = tiny_sit(depth=4).eval()  # eval: no random label dropout between the calls
-    x, y = batch(model)
-    t = torch.rand(len(x))
-    v = model(x, t, y)
-    assert v.abs().sum() > 0
-    v2, hs = model(x, t, y, return_layers=(3, 1, 4))
-    assert torch.equal(v, v2)  # asking for layers never changes the velocity
-    assert [h.shape for h in hs] == [(6, 16, 32)] * 3
-    _, (h1, h3, h4) = model(x, t, y, return_layers=(1, 3, 4))
-    assert torch.equal(hs[0], h3) and torch.equal(hs[1], h1) and torch.equal(hs[2], h4)
-    assert not torch.equal(h1, h3)
-    # h_k is the residual stream after block k: feeding h_4 to the head reproduces v
-    c = model.t_embedder(t) + model.y_embedder(y)
-    assert torch.allclose(model.unpatchify(model.final_layer(h4, c)), v)
-    # and block k+1 applied to h_k gives h_{k+1}
-    _, (h2,) = model(x, t, y, return_layers=(2,))
-    assert torch.allclose(model.blocks[2](h2, c), h3)
-    # block 0 is the embedded input tokens, what block 1 reads
-    _, (h0,) = model(x, t, y, return_layers=(0,))
-    assert torch.equal(h0, model.x_embedder(x).flatten(2).transpose(1, 2) + model.pos_embed)
-    assert torch.allclose(model.blocks[0](h0, c), h1)
-    for bad in [(-1,), (5,)]:
-        with pytest.raises(ValueError, match="numbered 1..4"):
-            model(x, t, y, return_layers=bad)
-
-
-# the trainable parameter counts of the official SiT code (willisma/SiT models.py) with
-# learn_sigma off (its default, learn_sigma=True, adds the 2C-channel head), position table excluded
-CIFAR_COUNTS = {"SiT-S/2": 32_475_660, "SiT-B/2": 129_537_036,
-                "SiT-L/2": 456_802_316, "SiT-XL/2": 673_666_572}
-
-
-@pytest.mark.parametrize("name", sorted(CIFAR_COUNTS))
-def test_parameter_counts_match_official_sit(name):
-    with torch.device("meta"):
-        model = L.SiT_models[name](input_size=32, in_channels=3, num_classes=10)
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == CIFAR_COUNTS[name]
-    assert "pos_embed" not in dict(model.named_parameters())  # fixed, not trained
-
-
-def test_parameter_count_imagenet_latents_xl2():
-    with torch.device("meta"):
-        model = L.SiT_models["SiT-XL/2"]()  # defaults: 32x32x4 latents, 1000 classes
-    assert sum(p.numel() for p in model.parameters()) == 674_816_272
-
-
-def test_timestep_embedding_is_cos_then_sin_of_raw_t():
-    embedder = L.TimestepEmbedder(8)
-    embedder.mlp = torch.nn.Identity()
-    t = torch.tensor([0.0, 0.3])
-    freqs = torch.exp(-math.log(10000) * torch.arange(128) / 128)
-    expected = torch.cat([torch.cos(0.3 * freqs), torch.sin(0.3 * freqs)])
-    emb = embedder(t)
-    assert torch.equal(emb[0], torch.cat([torch.ones(128), torch.zeros(128)]))
-    assert torch.allclose(emb[1], expected, atol=1e-6)
-
-
-def test_position_embedding_is_fixed_sincos():
-    model = tiny_sit(perturb=False)
-    pos = model.pos_embed[0]  # (16 tokens, 32 channels), 4x4 grid
-    assert pos.shape == (16, 32)
-    # token 1 is row 0, column 1: first half encodes the column, sin(1) at frequency 1
-    assert pos[1, 0].item() == pytest.approx(math.sin(1.0), abs=1e-6)
-    assert pos[4, 16].item() == pytest.approx(math.sin(1.0), abs=1e-6)  # row 1, column 0
-    assert pos[4, 0].item() == 0.0 and "pos_embed" not in model.state_dict()
-
-
-def test_label_dropout_uses_null_class_only_in_training():
-    model = tiny_sit(class_dropout_prob=1.0)
-    emb = model.y_embedder
-    y = torch.tensor([0, 1, 2, 3, 4])
-    null = emb.table.weight[5]
-    emb.train()
-    assert torch.equal(emb(y), null.expand(5, -1))
-    emb.eval()
-    assert torch.equal(emb(y), emb.table.weight[:5])
-    emb.dropout_prob = 0.1
-    emb.train()
-    torch.manual_seed(0)
-    dropped = (emb(torch.zeros(20000, dtype=torch.long)) == null).all(-1).float().mean()
-    assert abs(dropped.item() - 0.1) < 0.01
-    assert tiny_sit(class_dropout_prob=0.0).y_embedder.table.num_embeddings == 5  # no null row
-
-
-# ---------------------------------------------------------------- the objective, Eq. 1 + 3
-
-def test_objective_is_fm_plus_weighted_layersync():
-    model = tiny_sit()
-    x, y = batch(model)
-    out = L.training_loss(model, x, y, [(1, 3)], 0.7)
-    assert out["loss"].shape == out["fm"].shape == out["layersync"].shape == ()
-    assert torch.allclose(out["loss"], out["fm"] + 0.7 * out["layersync"])
-    # fm is Eq. 1 for the same draws: redo them by hand
-    torch.manual_seed(5)
-    out = L.training_loss(model.eval(), x, y, [(1, 3)], 0.7)
-    torch.manual_seed(5)
-    x0, t = torch.randn_like(x), torch.rand(len(x))
-    xt = t[:, None, None, None] * x + (1 - t[:, None, None, None]) * x0
-    v, (h1, h3) = model(xt, t, y, return_layers=(1, 3))
-    assert torch.allclose(out["fm"], ((v - (x - x0)) ** 2).mean())
-    assert torch.allclose(out["layersync"], L.layersync_loss(h1, h3))
-
-
-def test_zero_weight_is_exactly_the_baseline():
-    model = tiny_sit()
-    x, y = batch(model)
-    base, g_base = loss_and_grads(model, x, y, (), 0.0)
-    zero, g_zero = loss_and_grads(model, x, y, [(1, 3)], 0.0)
-    assert torch.equal(base["loss"], zero["loss"]) and base["layersync"] == 0
-    assert zero["layersync"] < 0  # still measured, for comparing runs
-    assert g_base.keys() == g_zero.keys()
-    assert all(torch.equal(g_base[n], g_zero[n]) for n in g_base)
-
-
-def test_regulariser_gradient_reaches_blocks_up_to_k_only():
-    model = tiny_sit(depth=4)
-    x, y = batch(model)
-    _, g0 = loss_and_grads(model, x, y, [(2, 4)], 0.0)
-    _, g1 = loss_and_grads(model, x, y, [(2, 4)], 1.0)
-    reg = {n: g1[n] - g0[n] for n in g0}
-    for n, g in reg.items():
-        deep = n.startswith(("blocks.2.", "blocks.3.", "final_layer"))
-        if deep:
-            assert torch.equal(g, torch.zeros_like(g)), n  # stop-gradient: nothing after block k
-    for i in (0, 1):
-        assert sum(g.abs().sum() for n, g in reg.items() if n.startswith(f"blocks.{i}.")) > 0
-    assert reg["x_embedder.weight"].abs().sum() > 0
-
-
-def test_every_pair_counts():
-    model = tiny_sit(depth=4)
-    x, y = batch(model)
-    values = []
-    for pairs in ([(1, 3)], [(2, 4)], [(1, 3), (2, 4)]):
-        torch.manual_seed(3)
-        values.append(L.training_loss(model, x, y, pairs, 0.2)["layersync"])
-    assert not torch.allclose(values[0], values[1])
-    assert torch.allclose(values[2], (values[0] + values[1]) / 2)
-
-
-@pytest.mark.parametrize("pairs,message", [
-    ([(3, 3)], "shallower"), ([(7, 3)], "shallower"), ([(0, 2)], "at least 1"),
-    ([(3, 13)], "only 12 blocks"), ([("3", 7)], "two block numbers"), ([(1, 2, 3)],
-                                                                       "two block numbers"),
-    ([(True, 2)], "two block numbers"), ([(3, 7), (8, 8)], "(8, 8)")])
-def test_bad_pairs_raise_a_clear_error(pairs, message):
-    with torch.device("meta"):
-        model = L.SiT_models["SiT-S/8"](input_size=32, in_channels=3, num_classes=10)
-    with pytest.raises(ValueError, match=r"e\.g\. 3:7") as error:
-        L.check_layersync_pairs(pairs, 12)
-    assert message in str(error.value)
-    x = torch.zeros(2, 3, 32, 32, device="meta")
-    with pytest.raises(ValueError):
-        L.training_loss(model, x, torch.zeros(2, dtype=torch.long, device="meta"), pairs, 0.2)
-
-
-def test_default_pair_scales_the_papers_choice():
-    assert L.default_layersync_pair(28) == (8, 16)  # the paper's SiT-XL/2 setting
-    assert L.default_layersync_pair(12) == (3, 7)
-    for depth in range(2, 40):
-        k, kk = L.default_layersync_pair(depth)
-        assert 1 <= k < kk <= depth
-        if depth >= 5:
-            assert kk <= 0.8 * depth  # teacher outside the last ~20% (Sec. 3.4)
-    with pytest.raises(ValueError):
-        L.default_layersync_pair(1)
-
-
-def test_training_step_compiles_without_graph_breaks():
-    model = tiny_sit()
-    x, y = batch(model)
-
-    def step(x, y):
-        return L.training_loss(model, x, y, [(1, 3)], 0.2)["loss"]
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)  # fullgraph: breaks raise
-    torch.manual_seed(0)
-    eager = step(x, y)
-    torch.manual_seed(0)
-    assert torch.allclose(compiled(x, y), eager, atol=1e-6)
-
-
-def test_library_refuses_its_traps():
-    model = tiny_sit(depth=4)
-    x, y = batch(model)
-    with pytest.raises(ValueError, match="plain baseline"):
-        L.training_loss(model, x, y, (), 0.2)  # the public code's trap: a weight but no pair
-    with pytest.raises(ValueError, match="finite and >= 0"):
-        L.training_loss(model, x, y, [(1, 3)], float("nan"))
-    with pytest.raises(ValueError, match="empty"):
-        L.training_loss(model, x[:0], y[:0], [(1, 3)], 0.2)
-    torch.manual_seed(0)
-    plain = L.training_loss(model, x, y, [(1, 3)], 0.2)["loss"]
-    for pair in [(np.int64(1), np.int32(3)), (torch.tensor(1), torch.tensor(3)), [1, 3]]:
-        assert L.check_layersync_pairs([pair], 4) == [(1, 3)]
-        torch.manual_seed(0)
-        assert torch.equal(L.training_loss(model, x, y, [pair], 0.2)["loss"], plain)
-    for bad in [(1.0, 3), (torch.tensor(1.5), 3), "13"]:
-        with pytest.raises(ValueError, match="two block numbers"):
-            L.check_layersync_pairs([bad], 4)
-
-
-# ---------------------------------------------------------------- samplers
-
-@pytest.mark.parametrize("method,order", [("euler", 1.0), ("heun", 2.0)])
-def test_sampler_converges_with_its_order(method, order):
-    z = torch.randn(512, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    exact = MU + S * z
-    errors = [(L.sample(gaussian_velocity, z, steps=n, method=method) - exact).abs().max().item()
-              for n in (16, 32, 64)]
-    observed = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
-    assert all(abs(o - order) < 0.15 for o in observed), observed
-    assert errors[-1] < (5e-2 if method == "euler" else 5e-4)
-
-
-@pytest.mark.parametrize("method,calls", [("euler", 7), ("heun", 14)])
-def test_sampler_evaluation_count_and_time_argument(method, calls):
-    seen = []
-
-    def velocity_fn(x, t):
-        assert t.shape == (x.shape[0],) and t.dtype == x.dtype
-        seen.append(t[0].item())
-        return torch.zeros_like(x)
-    noise = torch.randn(3, 2)
-    assert torch.equal(L.sample(velocity_fn, noise, steps=7, method=method), noise)
-    assert len(seen) == calls and seen[0] == 0.0 and max(seen) <= 1.0
-    with pytest.raises(ValueError, match="euler"):
-        L.sample(velocity_fn, noise, method="rk4")
-
-
-def test_guided_velocity_is_the_cfg_formula_in_one_forward():
-    model = tiny_sit().eval()
-    x, y = batch(model)
-    t = torch.rand(len(x))
-    calls = []
-    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
-    v = L.guided_velocity(model, y, 4.0)(x, t)
-    assert calls == [2 * len(x)]  # conditional + unconditional batched together
-    v_c, v_u = model(x, t, y), model(x, t, torch.full_like(y, 5))
-    assert torch.allclose(v, v_u + 4.0 * (v_c - v_u), atol=1e-5)
-    calls.clear()
-    assert torch.equal(L.guided_velocity(model, y, 1.0)(x, t), v_c)
-    assert calls == [len(x)]  # scale 1: no extra forward
-    with pytest.raises(ValueError, match="eval"):
-        L.guided_velocity(model.train(), y, 2.0)
-
-
-# ---------------------------------------------------------------- learning; the README's line map
-
-def test_tiny_sit_learns_class_colours(trained_colour_model):
-    """Samples must come back in their class's colour."""
-    model = trained_colour_model
-    torch.manual_seed(1)
-    y = torch.arange(4).repeat_interleave(32)
-    images = L.sample(L.guided_velocity(model, y, 1.5), torch.randn(128, 3, 8, 8), steps=10)
-    pixels = images.view(4, 32, 3, 64)
-    assert (pixels.mean(dim=(1, 3)) - COLOURS).abs().max() < 0.1, pixels.mean(dim=(1, 3))
-    assert pixels.std(dim=(1, 3)).max() < 0.3  # the noise was turned into images, not kept
-
-
 def test_readme_quick_start_runs_as_printed_at_a_smaller_scale(tmp_path):
     """The README's quick start, its commands as printed with a tiny model and 4 steps."""
     readme = open(os.path.join(HERE, "README.md")).read()
@@ -748,23 +822,7 @@ def test_readme_quick_start_runs_as_printed_at_a_smaller_scale(tmp_path):
     assert "arms (runs whose configs and histories differ only in --seed)" in result.stdout
 
 
-def test_readme_paper_to_code_map_names_what_layersync_py_defines():
-    """Each name in the last column of the README's paper-to-code table is defined in
-    layersync.py (SiT.forward: the method of that class)."""
-    readme = open(os.path.join(HERE, "README.md")).read()
-    section = readme.split("## Paper to code")[1].split("\n## ")[0]
-    cells = [line.rstrip(" |").rsplit("|", 1)[-1] for line in section.splitlines()
-             if line.startswith("| ")]
-    names = set(re.findall(r"`([A-Za-z_][A-Za-z_.]*)`", "".join(cells)))
-    assert {"layersync_loss", "record_blocks", "training_loss", "sample", "linear_probe"} <= names
-    for name in names:
-        owner = L
-        for part in name.split("."):
-            assert hasattr(owner, part), name
-            owner = getattr(owner, part)
-
-
-# ================================================================ 2. run and resume
+# ================================================================ 3. run and resume
 
 def test_short_run_writes_checkpoint_metrics_and_grids(image_folder, tmp_path):
     out = tmp_path / "run"
@@ -1026,7 +1084,7 @@ def test_one_precision_rule_for_step_grids_and_probe(image_folder, tmp_path, mon
     assert real(cpu, "bf16")._enabled and not real(cpu, "fp32")._enabled
 
 
-# ================================================================ 3. refusals: one line, no work
+# ================================================================ 4. refusals: one line, no work
 
 def test_command_line_errors_are_one_line_without_traceback(image_folder, tmp_path):
     cmd = cli("train_cifar.py", "--data", image_folder, "--out", str(tmp_path / "x"), *TINY,
@@ -1258,7 +1316,7 @@ def test_sample_fid_without_torch_fidelity_says_what_to_install(image_folder, tm
                                         sample_script.main)
 
 
-# ================================================================ 4. signals and crashes
+# ================================================================ 5. signals and crashes
 
 def test_ctrl_c_while_saving_keeps_the_old_checkpoint(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
@@ -1323,7 +1381,7 @@ def test_sigterm_saves_and_resumes_bit_identical(image_folder, tmp_path):
     assert_same_training_state(checkpoint(out), checkpoint(tmp_path / "straight"))
 
 
-# ================================================================ 4a. a full disk, for real
+# ================================================================ 5a. a full disk, for real
 #
 # RLIMIT_FSIZE caps the size of any file the process writes: a write past it fails with EFBIG
 # (Python ignores SIGXFSZ), and torch's zip writer raises the same RuntimeError as on a full disk
@@ -1407,15 +1465,15 @@ def test_a_torch_file_the_disk_cannot_hold_is_one_failed_write(tmp_path):
     the limit falls: each is one WriteFailed naming the file, and leaves no file behind."""
     path = str(tmp_path / "big.pt")
     for limit in range(300_000, 316_000, 2_000):  # 1.2 MB of floats, cut at 8 points
-        with file_size_limit(limit), pytest.raises(train_cifar.RunFolder.WriteFailed) as failed:
-            train_cifar.RunFolder.write(path, lambda f: torch.save(torch.zeros(300_000), f))
+        with file_size_limit(limit), pytest.raises(train_cifar.RunFiles.WriteFailed) as failed:
+            train_cifar.RunFiles.write(path, lambda f: torch.save(torch.zeros(300_000), f))
         assert str(failed.value) == f"could not write {path} ({TOO_LARGE})"
         assert os.listdir(tmp_path) == []
 
     def unrelated(f):  # a bug while writing is not a full disk: it keeps its own traceback
         raise RuntimeError("a bug")
     with pytest.raises(RuntimeError, match="a bug"):
-        train_cifar.RunFolder.write(path, unrelated)
+        train_cifar.RunFiles.write(path, unrelated)
     assert os.listdir(tmp_path) == []
 
 
@@ -1555,56 +1613,7 @@ def test_on_a_small_disk_warn_refuse_and_stop_in_one_line(image_folder, tmp_path
     assert checkpoint(out)["step"] == saved + 2
 
 
-# ================================================================ 5. the per-block linear probe
-
-def test_probe_reads_a_linear_label_and_not_noise():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 10, (1200,), generator=g)
-    noise = torch.randn(1200, 24, generator=g)
-    carrying = noise.clone()
-    carrying[:, :10] = F.one_hot(labels, 10)  # the class, exactly, in 10 of 24 dimensions
-    accuracy = L.ridge_probe_accuracy(carrying[:800], labels[:800], carrying[800:], labels[800:],
-                                      10)
-    assert accuracy == 1.0
-    chance = L.ridge_probe_accuracy(noise[:800], labels[:800], noise[800:], labels[800:], 10)
-    assert abs(chance - 0.1) < 0.06  # 400 scored samples: chance within about 3 sigma
-
-
-def test_probe_sees_the_null_label_only():
-    model = tiny_sit(depth=3).eval()
-    images = torch.rand(5, 3, 8, 8) * 2 - 1
-    features, cosine, update = L.block_features(model, images, 0.5, teacher=3)
-    assert features.shape == (3, 5, 32) and cosine.shape == update.shape == (3,)
-    assert cosine[2].item() == pytest.approx(1.0, abs=1e-5)  # the teacher against itself
-    # rebuild x_t by hand: the probe's features are the model's on the null class (5) ...
-    x0 = torch.randn(images.shape, generator=torch.Generator().manual_seed(1234))  # default seed
-    xt = 0.5 * images + 0.5 * x0
-    t = torch.full((5,), 0.5)
-    _, hidden = model(xt, t, torch.full((5,), 5), return_layers=(0, 1, 2, 3))
-    assert torch.allclose(features, torch.stack([h.mean(1) for h in hidden[1:]]), atol=1e-5)
-    by_hand = [((h - h_in).norm(dim=-1) / h_in.norm(dim=-1)).mean()  # h_0: the input tokens
-               for h_in, h in zip(hidden, hidden[1:])]
-    assert torch.allclose(update, torch.stack(by_hand), atol=1e-5)
-    hidden = hidden[1:]
-    # ... whatever the true labels are, which do change the blocks' features
-    _, labelled = model(xt, t, torch.arange(5), return_layers=(1, 2, 3))
-    assert not torch.allclose(features, torch.stack([h.mean(1) for h in labelled]), atol=1e-3)
-    with pytest.raises(ValueError, match="null class"):
-        L.block_features(tiny_sit(class_dropout_prob=0.0), images, 1.0)
-
-
-def test_probe_on_the_trained_colour_toy(trained_colour_model):
-    probe = probe_colour_model(trained_colour_model)
-    assert sorted(probe.accuracy) == sorted(probe.teacher_cosine) == [0.0, 1.0]
-    assert all(sorted(blocks) == [1, 2, 3, 4] for blocks in probe.accuracy.values())  # from 1
-    clean, noise_only = probe.accuracy[1.0].values(), probe.accuracy[0.0].values()
-    assert max(clean) >= 0.9  # chance is 0.25: some block reads the class
-    # at t = 0 the input is pure noise; with the label hidden, no block can know the class
-    assert max(noise_only) <= 0.45, noise_only
-    assert probe.teacher_cosine[1.0][3] == pytest.approx(1.0,
-                                                         abs=1e-5)  # the teacher against itself
-    assert probe == probe_colour_model(trained_colour_model)  # deterministic
-
+# ========================================================= 6. the per-block linear probe of a run
 
 def test_train_writes_probe_csv_through_a_resume(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
@@ -1653,7 +1662,7 @@ def test_probe_fit_subset_of_a_large_folder_spans_every_class(monkeypatch):
                        fit_y)  # deterministic
 
 
-# ================================================================ 6. sample and compare (sample.py)
+# ================================================================ 7. sample and compare (sample.py)
 
 def test_sample_writes_grid_and_adm_npz(image_folder, tmp_path):
     train(image_folder, tmp_path / "run", "--steps", "2")
@@ -1768,7 +1777,7 @@ def test_a_baseline_measures_the_teacher_cosine_of_the_default_pair(image_folder
     assert teacher == pytest.approx([1.0, 1.0], abs=1e-5)  # the teacher block against itself
 
 
-# ================================================================ 6a. FID over training
+# ================================================================ 7a. FID over training
 #
 # The real Inception needs its weights (a download) and about a second per image here, so these
 # tests go through torch-fidelity's own code with a small registered stand-in: each image's mean
@@ -2082,7 +2091,7 @@ def test_compare_draws_fid_counts_a_repeated_seed_once(image_folder, tmp_path, c
     assert "reaches the baseline's FID 7.00 at step 3: 1.33x fewer steps" in out
     assert Image.open(figure).size == (3575, 1265)  # 5 panels a row: (h), FID, drawn
 
-# ================================================================ 6b. the official weights
+# ================================================================ 7b. the official weights
 #
 # Files in the official SiT / LayerSync layout are written here from the known facts of that layout
 # (timm's parameter names, a stored pos_embed, a learn_sigma head, train.py's dict with an
@@ -2276,7 +2285,7 @@ def test_record_blocks_on_diffusers_dit():
     assert touched == [True, True, False, False]
 
 
-# ================================================================ 7. torchrun (gloo on the CPU)
+# ================================================================ 8. torchrun (gloo on the CPU)
 
 def test_two_processes_train_like_one_and_resume_exactly(image_folder, tmp_path):
     straight = torchrun("--data", image_folder, "--out", str(tmp_path / "two"), *TINY, *DDP,
@@ -2370,7 +2379,6 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(image_folder, tmp_path):
     assert checkpoint(tmp_path / "run")["step"] == 2  # the last good state
 
 
-
 def test_a_refusal_on_one_rank_alone_stops_every_rank_with_its_message(image_folder, tmp_path):
     """Rank 1 alone cannot read the data (say, its download failed): both ranks stop before any
     work, and the user reads rank 1's one-line message, printed once."""
@@ -2427,7 +2435,7 @@ def test_rank_0_alone_downloads_cifar10(tmp_path):
     assert (tmp_path / "log").read_text() == "0\n"  # one download, by rank 0
     assert checkpoint(tmp_path / "run")["config"]["classes"][9] == "truck"
 
-# ================================================================ 8. CUDA, and the prepared GPU run
+# ================================================================ 9. CUDA, and the prepared GPU run
 #
 # What only a GPU runs: bf16 autocast, torch.compile with inductor, fused AdamW, the CUDA RNG in a
 # resume, sampling, the probe and the benchmark on the device. `bash .ci/gpu` runs these first;

@@ -8,7 +8,8 @@
 A run writes to --out: metrics.csv, probe.csv (a linear probe of every block), samples_<step>.png,
 ema_<step>.pt (EMA snapshots, for FID over training) and last.pt (the whole state). Read in order:
 the flags, the data, the training step (one AdamW step on Eq. 3) and train(); then the run folder
-(RunFolder: what keeps a run whole on disk); what a first reading can skip comes last.
+(RunFolder, and RunFiles for the files: what keeps a run whole on disk); what a first reading can
+skip comes last.
 """
 
 import argparse
@@ -48,6 +49,7 @@ ddp_rank = int(os.environ.get("RANK", 0))
 ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
 master_process = ddp_rank == 0
 STOP_CHECK_EVERY = 10  # under torchrun, steps between agreeing on a Ctrl-C or SIGTERM
+NEVER = torch.iinfo(torch.long).max  # the step of the first non-finite loss, while there is none
 
 
 def fail(message: str):
@@ -326,20 +328,10 @@ def train(args):
 
 # ========================== the run folder: what keeps a run whole on disk
 class RunFolder:
-    """--out of one training run, behind one door. train() opens it, restores it, hands it each
-    step's losses and finishes it:
-
-        RunFolder.open(args)      every refusal, the run's identity, the resume's checks, the disk
-        restore(parts, batches)   on --resume, last.pt's state; the logs, kept up to that step
-        watching()                the progress bar and the signal handlers, while the loop runs
-        after_step(step, ...)     what is due: logs, snapshots, probe rows, last.pt, grids, a
-                                  signal to stop, the non-finite check
-        finish(step)              a signal's exit code, or the ranks' agreement and peak memory
-
-    The files of any run, for the trainer and sample.py alike, go through the same door: read as
-    data, never as code (read), written whole or not at all (write, append, write_grid; a failure
-    raises WriteFailed), one run per folder (check_one_run), and the space they need
-    (check_space)."""
+    """--out of one training run, behind one door: train() opens it (every refusal, the run's
+    identity, the resume's checks, the disk), restores it, watches the loop (progress bar,
+    signals), hands it each step (logs, snapshots, probe rows, last.pt, grids, the non-finite
+    check) and finishes it. Its files, and any run's, go through RunFiles below."""
 
     def __init__(self, args, checkpoint, images, labels, classes, probe_data, config: dict):
         self.args, self.checkpoint, self.config = args, checkpoint, config
@@ -358,7 +350,8 @@ class RunFolder:
         for my_turn in (master_process, not master_process) if args.data == "cifar10" else (True,):
             if my_turn:
                 try:
-                    run = prepare(args)
+                    prepared = prepare(args)
+                    run = prepared and cls(args, **prepared)
                 except SystemExit as refusal:
                     error = str(refusal.code)
             stop_together(error, group)
@@ -378,7 +371,8 @@ class RunFolder:
         self.metrics = CsvLog(os.path.join(args.out, "metrics.csv"), METRICS_FIELDS, self.step)
         self.probes = self.probe_data and CsvLog(os.path.join(args.out, "probe.csv"),
                                                  PROBE_FIELDS, self.step)
-        self.non_finite = NonFiniteWatch(args.device, self.ckpt_path)
+        # the first step whose loss was not finite, kept on the device: no host sync per step
+        self.first_non_finite = torch.full((), NEVER, device=args.device)
         self.interval = Interval(self.step, args, elapsed)
         self.outputs = (args.ckpt_every, args.keep_every, args.sample_every, args.probe_every)
         return self.step
@@ -401,16 +395,18 @@ class RunFolder:
         EMA snapshot, the probe, last.pt, the sample grid."""
         args, parts = self.args, self.parts
         due = lambda every: every and (step % every == 0 or step == args.steps)  # noqa: E731
-        self.non_finite.record(losses["loss"], step)
+        bad_now = self.first_non_finite.clamp(max=step)  # steps only grow: the minimum is the first
+        finite = losses["loss"].isfinite()
+        self.first_non_finite = torch.where(finite, self.first_non_finite, bad_now)
         self.interval.add(losses, grad_norm)
         self.bar.update(1)
         if due(args.log_every):  # the mean losses since the last log: the only host sync
-            self.non_finite.check()
+            self.check_finite()
             self.bar.set_postfix_str(self.interval.write(self.metrics, step, args))
         pause = time.perf_counter()
         self.stop_signal = self.signals.agreed(step, args.steps)  # every rank stops at one step
         if self.stop_signal or any(map(due, self.outputs)):
-            self.non_finite.check()  # nothing is saved, drawn or probed from non-finite weights
+            self.check_finite()  # nothing is saved, drawn or probed from non-finite weights
         if due(args.keep_every):  # an EMA snapshot kept for good: FID over training
             save_snapshot(os.path.join(args.out, f"ema_{step:07d}.pt"), parts, step, self.config)
         if self.probes and due(args.probe_every):  # every block, on rank 0 only
@@ -425,6 +421,15 @@ class RunFolder:
             sample_grid(parts.ema, self.config["model"], png, args.sample_steps, args.precision)
         self.interval.time += time.perf_counter() - pause  # img_per_s counts training time only
 
+    def check_finite(self):
+        """A non-finite loss since the start stops every rank with one message, before anything is
+        saved."""
+        if ddp:  # the earliest bad step of any rank: a NaN spreads to all ranks in one step
+            dist.all_reduce(self.first_non_finite, op=dist.ReduceOp.MIN)
+        if (bad := int(self.first_non_finite)) != NEVER:
+            fail(f"the loss became non-finite at step {bad}; nothing saved: {self.ckpt_path} keeps "
+                 f"the last good state. Try a lower --lr or --grad-clip, or --precision fp32.")
+
     def finish(self, step: int):
         args = self.args
         if self.stop_signal:
@@ -437,7 +442,12 @@ class RunFolder:
         if args.device.type == "cuda":
             say(f"peak GPU memory {torch.cuda.max_memory_allocated(args.device) / 2**30:.2f} GiB")
 
-    # ---- the files of any run, for train_cifar.py and sample.py
+
+class RunFiles:
+    """The files of any run, the trainer's and sample.py's alike: read as data, never as code
+    (read, load_checkpoint), written whole or not at all (write, append, write_grid; a failure
+    raises WriteFailed), one run per folder (check_one_run), the space they need (check_space)."""
+
     class WriteFailed(Exception):
         """A file could not be written (a full disk, a quota, a file-size limit); says which and
         why."""
@@ -469,7 +479,7 @@ class RunFolder:
     @staticmethod
     def load_checkpoint(path: str, mmap: bool = True) -> dict:
         """A train_cifar.py last.pt, or a one-line error saying why it is not one."""
-        checkpoint = RunFolder.read(path, mmap)
+        checkpoint = RunFiles.read(path, mmap)
         saved = checkpoint.keys() if isinstance(checkpoint, dict) else set()
         saves = {"model", "ema", "optimizer", "step", "config", "rng", "elapsed_s"}
         missing = sorted(saves - saved)
@@ -503,7 +513,7 @@ class RunFolder:
         """CSV rows appended whole or not at all (a new file is written with its header): a failed
         write cuts the file back to the complete rows it had."""
         if not os.path.exists(path):
-            return RunFolder.write(path, lambda f: f.write(csv_text(fields, rows, header=True)))
+            return RunFiles.write(path, lambda f: f.write(csv_text(fields, rows, header=True)))
         with failing_write(path), open(path, "ab", buffering=0) as f:
             end = f.tell()
             unwritten = memoryview(csv_text(fields, rows))
@@ -524,13 +534,20 @@ class RunFolder:
         pixels = pixels.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
         image = Image.fromarray(make_grid(pixels.cpu(), nrow=columns).permute(1, 2, 0).numpy())
         image_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
-        RunFolder.write(path, lambda f: image.save(f, format=image_format))
+        RunFiles.write(path, lambda f: image.save(f, format=image_format))
 
     @staticmethod
     def check_one_run(folder: str, flag: str):
         """A folder whose files name more than one run (a last.pt or snapshots copied in from
         another) is refused by --resume, --fid RUN_DIR and --compare: it would join two runs."""
-        ids = run_ids_in(folder)
+        ids = {}  # {file: the id of the run that wrote it}; None: written before run ids existed
+        for name in ["last.pt", *sorted(glob.glob(SNAPSHOTS, root_dir=folder))]:
+            if os.path.isfile(os.path.join(folder, name)):
+                config = RunFiles.read(os.path.join(folder, name)).get("config", {})
+                ids[name] = config.get("run_id")
+        if os.path.isfile(os.path.join(folder, RUN_ID_FILE)):  # it speaks for the logs
+            with open(os.path.join(folder, RUN_ID_FILE)) as f:
+                ids[RUN_ID_FILE] = f.read().strip()
         if len(set(ids.values())) > 1:
             runs = ", ".join(f"{name}: {run_id}" for name, run_id in ids.items())
             fail(f"{flag} {folder}: its files come from different runs ({runs}); one folder holds "
@@ -560,9 +577,9 @@ def prepare(args):
         fail(f"{args.out} holds snapshots (ema_<step>.pt) of an earlier run that saved no last.pt "
              f"to resume: remove them, or choose another --out")
     # read whole, not memory-mapped: a mapped last.pt would keep its disk space once replaced
-    checkpoint = RunFolder.load_checkpoint(ckpt_path, mmap=False) if args.resume else None
+    checkpoint = RunFiles.load_checkpoint(ckpt_path, mmap=False) if args.resume else None
     if checkpoint is not None:  # before anything is written
-        RunFolder.check_one_run(args.out, "--resume")
+        RunFiles.check_one_run(args.out, "--resume")
     images, labels, classes = load_data(args.data, args.data_dir, args.image_size)
     if len(images) < args.batch_size:  # before --out is made
         fail(f"the dataset has {len(images)} images, fewer than --batch-size {args.batch_size}")
@@ -589,7 +606,8 @@ def prepare(args):
             return None
     check_disk_space(args, config["model"], checkpoint["step"] if checkpoint else 0)
     probe = probe_split(args.data, args.data_dir, images, labels) if args.probe_every else None
-    return RunFolder(args, checkpoint, images, labels, classes, probe, config)
+    return dict(checkpoint=checkpoint, images=images, labels=labels, classes=classes,
+                probe_data=probe, config=config)
 
 
 def make_out(args, run_id: str):
@@ -598,11 +616,11 @@ def make_out(args, run_id: str):
     with failing_write(args.out):
         os.makedirs(args.out, exist_ok=True)
     if not (args.resume and os.path.exists(marker)):
-        RunFolder.write(marker, lambda f: f.write(f"{run_id}\n".encode()))
+        RunFiles.write(marker, lambda f: f.write(f"{run_id}\n".encode()))
 
 
 def check_disk_space(args, model_config: dict, step: int):
-    """What the run will still write into --out, against the space free there (RunFolder.
+    """What the run will still write into --out, against the space free there (RunFiles.
     check_space). From the model's own sizes: last.pt holds the weights, the EMA and AdamW's two
     moments per parameter, and is written twice while it is replaced; a snapshot holds the EMA; a
     grid is at most its raw pixels."""
@@ -620,8 +638,8 @@ def check_disk_space(args, model_config: dict, step: int):
     what = (f"the files this run will still write (last.pt of {in_units(checkpoint)} "
             f"{'once more' if resumed else 'twice'} while it is replaced, {snapshots} "
             f"ema_<step>.pt of {in_units(weights)}, {grids} grids)")
-    RunFolder.check_space(args.out, need, what, "pass --keep-every 0 (no snapshots) or a larger "
-                          "--keep-every, another --out, or free some space")
+    RunFiles.check_space(args.out, need, what, "pass --keep-every 0 (no snapshots) or a larger "
+                         "--keep-every, another --out, or free some space")
 
 
 def writes_between(start: int, end: int, every: int) -> int:
@@ -656,16 +674,14 @@ def describe_run(args, run, model) -> str:
              f"{c['patch_size']}, {c['input_size']}x{c['input_size']} images")
     size = (f"{sum(p.numel() for p in model.parameters()):,} parameters, "
             f"{train_flops_per_image(c) / 1e9:.3g} GFLOP per training image")
-    if args.layersync_weight == 0:
-        layersync = f"LayerSync off (baseline), pairs {args.pairs}"
-    else:
-        layersync = f"LayerSync lambda {args.layersync_weight}, pairs {args.pairs}"
+    layersync = f"LayerSync lambda {args.layersync_weight}" if args.layersync_weight else (
+        "LayerSync off (baseline)")
     data = (f"{len(run.images)} images in {len(run.classes)} classes, flips "
             f"{'on' if args.hflip else 'off'}")
     device = f"{args.device.type} {args.precision}"
     if ddp:
         device += f", {ddp_world_size} processes"
-    return f"{name}: {shape}, {size}; {layersync}; {data}; {device}"
+    return f"{name}: {shape}, {size}; {layersync}, pairs {args.pairs}; {data}; {device}"
 
 
 def flags_from_checkpoint(parser, argv, out: str) -> tuple:
@@ -676,7 +692,7 @@ def flags_from_checkpoint(parser, argv, out: str) -> tuple:
     path = os.path.join(out, "last.pt")
     if not os.path.exists(path):  # prepare() says so
         return parser.parse_args(argv), {}
-    stored = RunFolder.load_checkpoint(path)["config"]["flags"]
+    stored = RunFiles.load_checkpoint(path)["config"]["flags"]
     parser.set_defaults(**stored)
     args = parser.parse_args(argv)
     changes = {}
@@ -714,7 +730,9 @@ def resume(checkpoint: dict, parts, batches, args) -> int:
 def check_resume_config(old: dict, new: dict, path: str):
     """Model, data, classes (labels would shift), seed (resumed streams ignore it) and the LayerSync
     arm (a baseline continued with LayerSync would be neither arm) must match."""
-    old, new = fixed_for_a_run(old), fixed_for_a_run(new)
+    fixed = ("data", "classes", "seed", "layersync_weight", "layersync_pairs")  # and the model
+    old = {**old["model"], **{key: old.get(key) for key in fixed}}
+    new = {**new["model"], **{key: new.get(key) for key in fixed}}
     diff = [f"{k}: {old.get(k)} in the checkpoint, {new.get(k)} now" for k in sorted(old | new)
             if old.get(k) != new.get(k)]
     if diff:
@@ -722,30 +740,8 @@ def check_resume_config(old: dict, new: dict, path: str):
              f"model, data, seed and LayerSync flags, or start a new run in another --out")
 
 
-def fixed_for_a_run(config: dict) -> dict:
-    """What a resume may not change: the model's keywords, the data, its classes, the seed and the
-    LayerSync weight and pairs."""
-    fixed = dict(config["model"])
-    for key in ("data", "classes", "seed", "layersync_weight", "layersync_pairs"):
-        fixed[key] = config.get(key)
-    return fixed
-
 SNAPSHOTS = "ema_*.pt"  # EMA snapshots kept for good, ema_<step>.pt
 RUN_ID_FILE = "run_id.txt"  # the id of the run that writes the folder, made at its start
-
-
-def run_ids_in(folder: str) -> dict:
-    """{file: the id of the run that wrote it}, for each file of `folder` that says: last.pt, the
-    snapshots, and run_id.txt (which speaks for the logs). None: written before run ids existed."""
-    ids = {}
-    for name in ["last.pt", *sorted(glob.glob(SNAPSHOTS, root_dir=folder))]:
-        if os.path.isfile(os.path.join(folder, name)):
-            config = RunFolder.read(os.path.join(folder, name)).get("config", {})
-            ids[name] = config.get("run_id")
-    if os.path.isfile(os.path.join(folder, RUN_ID_FILE)):
-        with open(os.path.join(folder, RUN_ID_FILE)) as f:
-            ids[RUN_ID_FILE] = f.read().strip()
-    return ids
 
 
 # ------------------------------------------------------------------ checkpoints and snapshots
@@ -761,14 +757,14 @@ def save_checkpoint(path: str, parts, step: int, config: dict, batches, elapsed_
     state = {"model": parts.model.state_dict(), "ema": parts.ema.state_dict(),
              "optimizer": parts.optimizer.state_dict(), "step": step, "config": config,
              "rng": {"data": batches.state_dict(), "ranks": ranks}, "elapsed_s": elapsed_s}
-    on_rank_0(RunFolder.write, path, lambda f: torch.save(state, f))  # torch writes through f
+    on_rank_0(RunFiles.write, path, lambda f: torch.save(state, f))  # torch writes through f
 
 
 def save_snapshot(path: str, parts, step: int, config: dict):
     """ema_<step>.pt, kept for good: the EMA weights, the step and the config, for FID over
     training (sample.py --fid RUN_DIR)."""
     state = {"ema": parts.ema.state_dict(), "step": step, "config": config}
-    on_rank_0(RunFolder.write, path, lambda f: torch.save(state, f))
+    on_rank_0(RunFiles.write, path, lambda f: torch.save(state, f))
 
 
 # ------------------------------------------------------------------ the log line and metrics.csv
@@ -838,10 +834,10 @@ class CsvLog:
             with open(self.path, newline="") as f:
                 rows = [row for row in csv.DictReader(f) if readable(row, resume_step)]
         # read back as text, written unchanged; the file is replaced whole, so a failure keeps it
-        RunFolder.write(self.path, lambda f: f.write(csv_text(self.fields, rows, header=True)))
+        RunFiles.write(self.path, lambda f: f.write(csv_text(self.fields, rows, header=True)))
 
     def write(self, rows: list):
-        RunFolder.append(self.path, self.fields, rows)
+        RunFiles.append(self.path, self.fields, rows)
 
 
 def csv_text(fields: list, rows: list, header: bool = False) -> bytes:
@@ -874,7 +870,7 @@ def failing_write(path: str):
         cause = error if isinstance(error, OSError) else error.__context__
         if not isinstance(cause, OSError):
             raise
-        raise RunFolder.WriteFailed(path, cause.strerror or str(cause)) from None
+        raise RunFiles.WriteFailed(path, cause.strerror or str(cause)) from None
 
 
 # ========================== what a first reading can skip: formats, probe, grids, torchrun, signals
@@ -999,7 +995,7 @@ def run_probe(model: SiT, data: ProbeData, ts: list, pairs: list, precision: str
         probe = linear_probe(model, data.fit, data.scored, ts, teacher)
     if csv_path:  # the whole file or none
         rows = probe_rows(step, probe)
-        RunFolder.write(csv_path, lambda f: f.write(csv_text(PROBE_FIELDS, rows, header=True)))
+        RunFiles.write(csv_path, lambda f: f.write(csv_text(PROBE_FIELDS, rows, header=True)))
     return probe
 
 
@@ -1047,8 +1043,8 @@ def sample_grid(ema, config: dict, path: str, steps: int, precision: str):
     labels = torch.arange(rows).repeat_interleave(8)
     try:
         pixels = sample_pixels(ema, noise.to(device), labels.to(device), steps, precision)
-        RunFolder.write_grid(pixels, path, columns=8)
-    except RunFolder.WriteFailed as error:
+        RunFiles.write_grid(pixels, path, columns=8)
+    except RunFiles.WriteFailed as error:
         say(f"warning: {error}")
 
 
@@ -1073,35 +1069,13 @@ def on_rank_0(write, *args):
     if master_process:
         try:
             write(*args)
-        except RunFolder.WriteFailed as error:
+        except RunFiles.WriteFailed as error:
             if os.path.exists(os.path.join(os.path.dirname(error.path), "last.pt")):
                 advice = "last.pt holds the last saved state: make room, then rerun with --resume"
             else:
                 advice = "no last.pt was saved yet: make room, then start the run again"
             failure = f"error: {error}; the files written before it are whole, and {advice}"
     stop_together(failure)
-
-
-class NonFiniteWatch:
-    """Remembers, on the device and without a host sync, the first step whose loss was not finite;
-    check() stops every rank with one message, before anything is saved."""
-
-    NEVER = torch.iinfo(torch.long).max
-
-    def __init__(self, device, ckpt_path: str):
-        self.first_bad = torch.full((), self.NEVER, device=device)
-        self.ckpt_path = ckpt_path
-
-    def record(self, loss: torch.Tensor, step: int):  # steps only grow: the minimum is the first
-        bad_now = self.first_bad.clamp(max=step)
-        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, bad_now)
-
-    def check(self):
-        if ddp:  # the earliest bad step of any rank: a NaN spreads to all ranks in one step
-            dist.all_reduce(self.first_bad, op=dist.ReduceOp.MIN)
-        if (bad := int(self.first_bad)) != self.NEVER:
-            fail(f"the loss became non-finite at step {bad}; nothing saved: {self.ckpt_path} keeps "
-                 f"the last good state. Try a lower --lr or --grad-clip, or --precision fp32.")
 
 
 def check_ranks_agree(model):
