@@ -348,12 +348,16 @@ def default_layersync_pair(depth: int) -> tuple:
 
     Sec. 3.4: the student must not be one of the very first blocks, the teacher must sit
     before the last ~20% of blocks (the decoder zone), and the two need a real gap.
-    8/28 and 16/28 of the depth keep all three; 12 blocks -> (3, 7), 24 -> (7, 14).
+    8/28 and 16/28 of the depth keep all three from 8 blocks up: 12 -> (3, 7), 24 -> (7, 14).
+    From 5 blocks up the student is block 2 or later and the gap at least 2 (5 and 6 -> (2, 4));
+    below 5 no pair keeps all three, and the pair is (1, 2).
     """
     if depth < 2:
         raise ValueError(f"LayerSync needs at least 2 blocks (got depth {depth})")
-    student = max(1, round(depth * 8 / 28))
-    return student, max(student + 1, round(depth * 16 / 28))
+    if depth < 5:
+        return 1, 2
+    student = max(2, round(depth * 8 / 28))
+    return student, max(student + 2, round(depth * 16 / 28))
 
 
 def check_layersync_pairs(pairs, depth: int) -> list:

@@ -231,6 +231,7 @@ def generate(args, loaded: Loaded, labels, decode=None) -> torch.Tensor:
 # torch-fidelity's Inception-v3, ported from the TensorFlow FID code (the tests register a stand-in)
 FID_EXTRACTOR = "inception-v3-compat"
 FID_FIELDS = ["step", "n", "fid", "method", "steps", "cfg_scale", "seed"]
+FID_LOCK = "fid.lock"  # locked by the one scorer of a run folder (flock), never written
 
 
 class UInt8Images(list, torch.utils.data.Dataset):
@@ -301,19 +302,22 @@ def fid_of_run(args):
     if not snapshots:
         fail(f"--fid {folder}: no checkpoint in it (ema_<step>.pt or last.pt of train_cifar.py)")
     settings = {"n": args.n or 10_000} | {k: getattr(args, k) for k in FID_FIELDS[3:]}
-    done = {row["step"] for row in read_csv(path)
-            if all(row[k] == str(v) for k, v in settings.items())}
-    todo = [step for step in sorted(snapshots) if str(step) not in done]
-    if not todo:
+    as_read_back = {k: str(v) for k, v in settings.items()}
+
+    def unscored():  # the snapshots' steps not yet in fid.csv with these settings, oldest first
+        done = {row["step"] for row in read_csv(path) if as_read_back.items() <= row.items()}
+        return [step for step in sorted(snapshots) if str(step) not in done]
+    if not unscored():
         return print(f"{path}: every snapshot is already scored with these settings")
-    for step in todo:
-        loaded = load_model(args, snapshots[step])
-        if step == todo[0]:  # before any sampling
-            labels, options = check_flags(args, loaded), prepare_fid(args, loaded)
-        fid = compute_fid(generate(args, loaded, labels), options)
-        as_read_back = {k: str(v) for k, v in settings.items()}  # as `done` compares them
-        RunFiles.append(path, FID_FIELDS, [{"step": step, "fid": f"{fid:.6g}", **as_read_back}])
-        print(f"step {step}: FID {fid:.2f} -> {path}")
+    first = load_model(args, snapshots[unscored()[0]])  # the flags checked before any sampling
+    labels, options = check_flags(args, first), prepare_fid(args, first)
+    # one scorer per run: a second waits for nothing and writes nothing (a trainer may run)
+    with RunFiles.lock(os.path.join(folder, FID_LOCK), f"--fid {folder}: another scorer is "
+                       f"writing its fid.csv", "let it finish, then rerun to score the rest"):
+        for step in unscored():  # read again under the lock: another scorer may have just ended
+            fid = compute_fid(generate(args, load_model(args, snapshots[step]), labels), options)
+            RunFiles.append(path, FID_FIELDS, [{"step": step, "fid": f"{fid:.6g}", **as_read_back}])
+            print(f"step {step}: FID {fid:.2f} -> {path}")
 
 
 # ------------------------------------------------------------------ the probe of one checkpoint
@@ -459,14 +463,14 @@ def group_into_arms(runs: list) -> list:
         label = ", ".join([kind[key], *(f"{k} {arm[k]}" for k in sorted(arm)
                                         if any(other.get(k) != arm[k] for other in others))])
         members = list(by_seed.values())
-        use_last_shared_probe(members)
         arms.append(Arm(label, members, *(arm.get("layersync_pairs") or [[None, None]])[0]))
+    use_last_shared_probe([run for arm in arms for run in arm.runs])
     return arms
 
 
 def use_last_shared_probe(runs: list):
     """The per-block curves of each run, (table, t): {block: value}, at the last probed step that
-    every run of the arm reached, so that the seeds are compared at one step."""
+    every run of every arm reached, so that seeds and arms are compared at one step."""
     steps = set.intersection(*(set(run.probed) for run in runs))
     for run in runs:
         run.curves.update(run.probed[max(steps)] if steps else {})
@@ -485,10 +489,16 @@ def over_seeds(curves: list) -> tuple:
             [max(c) for c in columns])
 
 
-def at_last_shared_step(curves: list) -> list:
-    """Each seed's y at the last x that every seed has (none: [])."""
-    xs = over_seeds(curves)[0]
-    return [curve[xs[-1]] for curve in curves] if xs else []
+def last_shared_step(arms: list, name):
+    """The last x of the curve `name` that every run of every arm that has the curve has (None:
+    no such x)."""
+    return max(over_seeds([curve for arm in arms for curve in seeds(arm, name)])[0], default=None)
+
+
+def values_at(arm: Arm, name, x) -> dict:
+    """{seed: y at x} of the arm's curve `name`, for each of its runs that has x."""
+    return {run.config["seed"]: run.curves[name][x] for run in arm.runs
+            if x in run.curves.get(name, {})}
 
 
 def spread(values: list, digits: int) -> str:
@@ -508,19 +518,20 @@ def compare_table(arms: list) -> str:
     width = max(24, *(len(arm.label) for arm in arms))
     lines.append(f"{'arm':<{width}} {'seeds':>5} {'step':>7} {'fm':>26} {'layersync':>27} "
                  f"{'student':>7} {'teacher':>7} {'FID at the last scored step':>28}")
-    uneven = []
-    for arm in arms:  # each seed's value at the last logged (scored) step that every seed reached
-        fm, sync, fid = (at_last_shared_step(seeds(arm, name)) for name in ("fm", "layersync",
-                                                                              "fid"))
-        step = max(over_seeds(seeds(arm, "fm"))[0], default="-")
-        lines.append(f"{arm.label:<{width}} {len(arm.runs):>5} {step:>7} {spread(fm, 4):>26} "
-                     f"{spread(sync, 4):>27} {arm.student!s:>7} {arm.teacher!s:>7} "
-                     f"{spread(fid, 2):>28}")
-        if len({run_length(run) for run in arm.runs}) > 1:
-            lengths = ", ".join(str(run_length(run)) for run in arm.runs)
-            uneven.append(f"note: the seeds of {arm.label} ran to steps {lengths}; every number "
-                          f"here is at the last step that all of them reached")
-    lines += uneven
+    # each seed's value at the last logged (scored) step that every run of every arm reached
+    step = {name: last_shared_step(arms, name) for name in ("fm", "layersync", "fid")}
+    for arm in arms:
+        fm = list(values_at(arm, "fm", step["fm"]).values())
+        sync = list(values_at(arm, "layersync", step["layersync"]).values())
+        fid = list(values_at(arm, "fid", step["fid"]).values())
+        lines.append(f"{arm.label:<{width}} {len(arm.runs):>5} {step['fm'] or '-':>7} "
+                     f"{spread(fm, 4):>26} {spread(sync, 4):>27} {arm.student!s:>7} "
+                     f"{arm.teacher!s:>7} {spread(fid, 2):>28}")
+    if len({run_length(run) for arm in arms for run in arm.runs}) > 1:
+        lengths = [f"{arm.label} ran to steps {', '.join(str(run_length(r)) for r in arm.runs)}"
+                   for arm in arms]
+        lines.append(f"note: {'; '.join(lengths)}; every number here is at step {step['fm']}, the "
+                     f"last that all of them reached (the figure's curves keep their full length)")
     lines += speedup_lines(arms)
     ts = sorted({name[1] for arm in arms for run in arm.runs for name in run.curves
                  if isinstance(name, tuple)}, reverse=True)
@@ -529,8 +540,8 @@ def compare_table(arms: list) -> str:
         columns = [seeds(arm, (table, t)) for arm in arms]
         depth = max((max(curve) for curves in columns for curve in curves), default=0)
         if depth:
-            lines.append(f"{title} per block, t={t:g}, at the last probed step of all an arm's "
-                         f"seeds, mean over seeds (min..max):")
+            lines.append(f"{title} per block, t={t:g}, at the last probed step of all the runs, "
+                         f"mean over seeds (min..max):")
             lines.append(f"{'block':>6} " + " ".join(f"{arm.label:>{cell}}" for arm in arms))
             lines += [f"{k:>6} " + " ".join(
                 f"{spread([curve[k] for curve in curves if k in curve], digits)}"

@@ -434,8 +434,12 @@ def test_default_pair_scales_the_papers_choice():
     for depth in range(2, 40):
         k, kk = L.default_layersync_pair(depth)
         assert 1 <= k < kk <= depth
-        if depth >= 5:
-            assert kk <= 0.8 * depth  # teacher outside the last ~20% (Sec. 3.4)
+        if depth >= 5:  # Sec. 3.4: not the first block, a real gap, teacher outside the last ~20%
+            assert k >= 2 and kk - k >= 2 and kk <= 0.8 * depth, depth
+        if depth >= 8:  # the studies' pairs: 8/28 and 16/28 of the depth, rounded
+            assert (k, kk) == (round(depth * 8 / 28), round(depth * 16 / 28)), depth
+    assert L.default_layersync_pair(6) == L.default_layersync_pair(5) == (2, 4)
+    assert L.default_layersync_pair(4) == (1, 2)  # below 5 blocks no pair keeps the rule
     with pytest.raises(ValueError):
         L.default_layersync_pair(1)
 
@@ -1218,6 +1222,14 @@ def test_bad_out_folder_is_refused_before_any_work(image_folder, tmp_path, no_wo
     assert (tmp_path / "afile").read_text() == ""
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc on this system")
+def test_out_on_a_virtual_filesystem_is_refused_as_such(image_folder, tmp_path, no_work):
+    """/proc stores no files: one line saying so, not a full disk's advice."""
+    error = run_error(["--data", image_folder, "--out", "/proc/layersync-run", *TINY])
+    assert_refused(error, "--out /proc/layersync-run", "virtual filesystem")
+    assert "--keep-every" not in error and not os.path.exists("/proc/layersync-run")
+
+
 def test_refusals_through_the_command_line(image_folder, tmp_path):
     result = run_cli("train_cifar.py", "--data", image_folder, "--out", str(tmp_path / "x"), *TINY,
                      "--grad-clip", "-1", cwd=tmp_path)
@@ -1381,6 +1393,65 @@ def test_sigterm_saves_and_resumes_bit_identical(image_folder, tmp_path):
     assert_same_training_state(checkpoint(out), checkpoint(tmp_path / "straight"))
 
 
+def start_and_wait_for_rows(cmd, metrics, rows: int, timeout=120):
+    """Start a training command; return the process once its metrics.csv has `rows` rows."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) > rows:
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"the trainer did not log {rows} rows: {proc.communicate()[1][-2000:]}")
+
+
+def test_one_trainer_per_folder_a_second_is_refused_naming_the_first(image_folder, tmp_path):
+    """A live run holds its --out: a second trainer, with or without --resume, is refused in one
+    line naming the first's pid and changes nothing; the first goes on, and logs every step once."""
+    out = tmp_path / "run"
+    common = [*TINY, "--log-every", "1", "--sample-every", "10000", "--ckpt-every", "3"]
+    first = start_and_wait_for_rows(cli("train_cifar.py", "--data", image_folder, "--out",
+                                        str(out), "--steps", "100000", *common),
+                                    out / "metrics.csv", 4)
+    for again in (["--resume"], ["--seed", "1"]):
+        before = (out / "run_id.txt").read_text()
+        second = run_cli("train_cifar.py", "--data", image_folder, "--out", str(out), *common,
+                         "--steps", "100000", *again)
+        assert_one_line_error(second, f"--out {out}", f"pid {first.pid} on ", "another trainer")
+        assert (out / "run_id.txt").read_text() == before and first.poll() is None
+    first.send_signal(signal.SIGTERM)  # the first saves and stops, as it would at its end
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    steps = [int(row["step"]) for row in csv.DictReader(open(out / "metrics.csv"))]
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] == checkpoint(out)["step"]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_after_kill_9_a_resume_finds_no_stale_lock(image_folder, tmp_path):
+    out = tmp_path / "run"
+    common = [*TINY, "--log-every", "1", "--sample-every", "10000", "--ckpt-every", "2"]
+    proc = start_and_wait_for_rows(cli("train_cifar.py", "--data", image_folder, "--out",
+                                       str(out), "--steps", "100000", *common),
+                                   out / "metrics.csv", 3)
+    proc.kill()  # SIGKILL: no handler runs, nothing is cleaned up
+    proc.communicate(timeout=60)
+    saved = checkpoint(out)["step"]
+    train(image_folder, out, *common, "--steps", str(saved + 2), "--resume")
+    assert checkpoint(out)["step"] == saved + 2
+
+
+def test_a_temporary_file_is_its_writers_own_and_a_failure_names_its_cause(tmp_path):
+    """Two processes writing one file never share a temporary file: its name carries the pid.
+    A write that fails for want of a folder says so, and is not called a full disk."""
+    seen = []
+    train_cifar.RunFiles.write(str(tmp_path / "a.txt"), lambda f: seen.append(os.listdir(tmp_path)))
+    assert seen == [[f"a.txt.{os.getpid()}.tmp"]] and os.listdir(tmp_path) == ["a.txt"]
+    with pytest.raises(train_cifar.RunFiles.WriteFailed) as failed:
+        train_cifar.RunFiles.write(str(tmp_path / "gone" / "b.txt"), lambda f: None)
+    assert failed.value.errno == errno.ENOENT and os.strerror(errno.ENOENT) in str(failed.value)
+
+
 # ================================================================ 5a. a full disk, for real
 #
 # RLIMIT_FSIZE caps the size of any file the process writes: a write past it fails with EFBIG
@@ -1454,7 +1525,7 @@ def test_a_new_run_the_disk_cannot_hold_says_to_start_again(image_folder, tmp_pa
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 1 and len(ours) == 1 and "Traceback" not in result.stderr
     assert_refused(ours[0], str(out / "run_id.txt"), TOO_LARGE, "start the run again")
-    assert os.listdir(out) == []
+    assert os.listdir(out) == ["train.lock"]  # the trainer's lock file, empty
     train(image_folder, out, "--steps", "2")
     assert checkpoint(out)["step"] == 2
 
@@ -1897,6 +1968,75 @@ def test_fid_of_a_run_appends_a_row_per_snapshot_and_skips_on_rerun(image_folder
     assert [(r["step"], r["n"]) for r in fid_rows(out)][3:] == [("2", "6"), ("4", "6"), ("6", "6")]
 
 
+# sample.py in a process of its own, with a stand-in feature extractor that takes a second per
+# batch, so that a second scorer starts while the first still scores
+SLOW_SCORER = """
+import sys, time
+import torch_fidelity
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+sys.path.insert(0, sys.argv[1])
+import sample
+
+class SlowColourStats(FeatureExtractorBase):
+    def __init__(self, name, features_list, **_):
+        super().__init__(name, features_list)
+
+    def forward(self, x):
+        time.sleep(1)
+        return (x.double().mean((2, 3)) / 255,)
+
+    get_provided_features_list = staticmethod(lambda: ("colour",))
+    get_default_feature_layer_for_metric = staticmethod(lambda metric: "colour")
+    can_be_compiled = staticmethod(lambda: False)
+    get_dummy_input_for_compile = staticmethod(lambda: None)
+
+torch_fidelity.register_feature_extractor("slow-colour-stats", SlowColourStats)
+sample.FID_EXTRACTOR = "slow-colour-stats"
+sample.main(sys.argv[2:])
+"""
+
+
+def test_two_scorers_of_one_run_write_each_step_once(image_folder, tmp_path):
+    """Two sample.py --fid on one run, as two real processes: the second is refused in one line
+    naming the first, which scores every snapshot, each once."""
+    pytest.importorskip("torch_fidelity")
+    run = tmp_path / "run"
+    train(image_folder, run, "--steps", "8", "--keep-every", "1", "--probe-every", "0")
+    (tmp_path / "scorer.py").write_text(SLOW_SCORER)
+    cmd = [sys.executable, str(tmp_path / "scorer.py"), HERE, "--fid", str(run), "--n", "9",
+           "--steps", "1", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_HOME=str(tmp_path / "torch_home"))
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not (
+            (run / "fid.csv").exists() and len((run / "fid.csv").read_text().splitlines()) > 1):
+        time.sleep(0.05)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert first.poll() is None, "the first scorer ended before the second started"
+    ours = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert second.returncode == 1 and len(ours) == 1 and "Traceback" not in second.stderr
+    assert_refused(ours[0], f"--fid {run}", f"pid {first.pid} on ", "another scorer")
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr[-2000:]
+    assert [row["step"] for row in fid_rows(run)] == [str(step) for step in range(1, 9)]
+
+
+def test_a_run_can_be_scored_while_it_trains(image_folder, tmp_path, fid_stand_in):
+    """The trainer's lock is not the scorer's: --fid RUN_DIR scores the snapshots of a live run."""
+    run = tmp_path / "run"
+    common = ["--log-every", "1", "--sample-every", "10000", "--probe-every", "0"]
+    train(image_folder, run, "--steps", "4", "--keep-every", "2", *common)
+    trainer = start_and_wait_for_rows(cli("train_cifar.py", "--out", str(run), "--resume",
+                                          "--steps", "100000", "--keep-every", "0"),
+                                      run / "metrics.csv", 6)
+    sample_script.main(["--fid", str(run), "--n", "6", "--steps", "1", "--device", "cpu"])
+    assert trainer.poll() is None  # it still trains
+    trainer.send_signal(signal.SIGTERM)
+    trainer.communicate(timeout=60)
+    assert [row["step"] for row in fid_rows(run)][:2] == ["2", "4"]
+
+
 def test_fid_of_a_run_scores_last_pt_where_no_snapshot_has_its_step(image_folder, tmp_path,
                                                                     fid_stand_in):
     out = tmp_path / "run"
@@ -2014,6 +2154,29 @@ def test_compare_tables_use_the_last_step_every_seed_reached(image_folder, tmp_p
     section = table.split("probe accuracy (%) per block, t=1,")[1].splitlines()
     block3 = next(line for line in section[2:] if line.split()[0] == "3")
     assert block3.split()[1] == f"{sum(accuracy) / 2:.1f}"
+
+
+def test_compare_meets_arms_of_different_lengths_at_their_last_shared_step(image_folder, tmp_path):
+    """A baseline of 8 steps and LayerSync of 4: the table compares both at step 4, losses and
+    probe, with a note giving each arm's length; the curves keep their full length."""
+    common = ["--probe-every", "2", "--sample-every", "100", "--log-every", "2"]
+    train(image_folder, tmp_path / "base", *common, "--steps", "8", "--layersync-weight", "0")
+    train(image_folder, tmp_path / "ls", *common, "--steps", "4")
+    arms = sample_script.group_into_arms([sample_script.read_run(str(tmp_path / n))
+                                          for n in ("base", "ls")])
+    table = sample_script.compare_table(arms)
+    for name, label in (("base", "baseline"), ("ls", "LayerSync lambda 0.2")):
+        fm = next(float(r["fm"]) for r in csv.DictReader(open(tmp_path / name / "metrics.csv"))
+                  if r["step"] == "4")
+        row = next(line for line in table.splitlines() if line.startswith(label + " "))
+        assert row[len(label):].split()[:3] == ["1", "4", f"{fm:.4f}"], row
+        probe = csv.DictReader(open(tmp_path / name / "probe.csv"))
+        accuracy = next(100 * float(r["accuracy"]) for r in probe
+                        if (r["step"], r["t"], r["block"]) == ("4", "1", "2"))
+        assert arms[["base", "ls"].index(name)].runs[0].curves[("accuracy", 1.0)][2] == accuracy
+    assert "baseline ran to steps 8; LayerSync lambda 0.2 ran to steps 4" in table
+    assert "at step 4, the last that all of them reached" in table
+    assert max(arms[0].runs[0].curves["fm"]) == 8  # the curve over steps keeps its length
 
 
 def test_a_changed_setting_on_resume_makes_its_own_arm(image_folder, tmp_path, capsys):
@@ -2293,7 +2456,8 @@ def test_two_processes_train_like_one_and_resume_exactly(image_folder, tmp_path)
     assert straight.returncode == 0, straight.stderr[-2000:]
     assert straight.stdout.count("all 2 ranks hold identical weights") == 1  # by hash, said once
     assert sorted(os.listdir(tmp_path / "two")) == ["ema_0000020.pt", "last.pt", "metrics.csv",
-                                                    "run_id.txt", "samples_0000020.png"]
+                                                    "run_id.txt", "samples_0000020.png",
+                                                    "train.lock"]
     two = [r for r in csv.DictReader(open(tmp_path / "two" / "metrics.csv"))]
     assert [int(r["step"]) for r in two] == [4, 8, 12, 16, 20]  # one writer, no duplicate rows
     # 10 steps, then a resume to 20, under 2 processes: bit-identical to 20 straight

@@ -16,6 +16,8 @@ import argparse
 import copy
 import csv
 import datetime
+import errno
+import fcntl
 import glob
 import hashlib
 import io
@@ -25,12 +27,13 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 import uuid
 import zipfile
 from collections import namedtuple
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from types import SimpleNamespace
 
 import torch
@@ -177,6 +180,9 @@ def check_args(args):
     parent = existing_parent(args.out)
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
         fail(f"--out {args.out}: {parent} is not a writable folder")
+    if shutil.disk_usage(parent).total == 0:  # /proc, /sys: no storage, not a full disk
+        fail(f"--out {args.out}: {parent} is a virtual filesystem that stores no files; choose a "
+             f"folder on a disk")
     args.pairs = parse_pairs(args.layersync_pairs, config["depth"], args.layersync_weight)
 
 
@@ -310,58 +316,88 @@ def build(args, config: dict, device) -> SimpleNamespace:
 
 # ------------------------------------------------------------------ training
 def train(args):
-    run = RunFolder.open(args)  # every refusal comes first; None: nothing left to train
-    if run is None:
-        return
-    parts = build(args, run.config["model"], args.device)
-    batches = DeviceBatches(run.images, run.labels, args.batch_size, args.seed, args.device,
-                            args.hflip)
-    step = run.restore(parts, batches)  # on --resume: last.pt's state and step; else 0
-    with run.watching():  # the progress bar, Ctrl-C and SIGTERM, while the loop runs
+    with RunFolder(args) as run:  # --out held by this run alone; every refusal comes first
+        if run.nothing_to_do:  # last.pt is already at --steps
+            return
+        parts = build(args, run.config["model"], args.device)
+        batches = DeviceBatches(run.images, run.labels, args.batch_size, args.seed, args.device,
+                                args.hflip)
+        step = run.restore(parts, batches)  # on --resume: last.pt's state and step; else 0
         while step < args.steps and not run.stop_signal:
             x, y = batches.next()
             losses, grad_norm = train_step(args, parts, x, y, step)  # Eq. 3, AdamW, the EMA
             step += 1
             run.after_step(step, losses, grad_norm)  # logs, snapshots, probe, last.pt, grids
-    run.finish(step)  # after a signal: its exit code; else the ranks' agreement, peak memory
+        run.finish(step)  # after a signal: its exit code; else the ranks' agreement, peak memory
 
 
 # ========================== the run folder: what keeps a run whole on disk
 class RunFolder:
-    """--out of one training run, behind one door: train() opens it (every refusal, the run's
-    identity, the resume's checks, the disk), restores it, watches the loop (progress bar,
-    signals), hands it each step (logs, snapshots, probe rows, last.pt, grids, the non-finite
-    check) and finishes it. Its files, and any run's, go through RunFiles below."""
+    """--out of one training run, behind one door: train() enters it (its lock, every refusal,
+    the run's identity, the resume's checks, the disk), restores it (logs, progress bar, signals),
+    hands it each step (logs, snapshots, probe rows, last.pt, grids, the non-finite check),
+    finishes it, and leaves it (the lock released). Its files, and any run's, go through
+    RunFiles."""
 
-    def __init__(self, args, checkpoint, images, labels, classes, probe_data, config: dict):
-        self.args, self.checkpoint, self.config = args, checkpoint, config
-        self.images, self.labels, self.classes = images, labels, classes
-        self.probe_data = probe_data
-        self.ckpt_path = os.path.join(args.out, "last.pt")
-        self.stop_signal = 0  # the signal that stops the run (0: none)
+    def __init__(self, args):
+        self.args, self.ckpt_path = args, os.path.join(args.out, "last.pt")
+        self.stop_signal, self.locked = 0, False  # the signal that stops the run (0: none)
+        self.held = ExitStack()  # the lock, then the signal handlers and the bar: released on exit
 
-    @classmethod
-    def open(cls, args):
+    def __enter__(self):
         """prepare() on every rank, CIFAR-10 on rank 0 first (it alone downloads it); a refusal on
-        any rank stops them all, with its message. --out is made only then."""
+        any rank stops them all, with its message. Rank 0 holds --out's lock from before it reads
+        the folder (or, for a new run, from its making) to the end. --out is made only then."""
         # a download can outlast NCCL's 10-minute timeout: the others wait on the CPU, up to 2 hours
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if ddp else None
-        run = error = None  # stays None: stop_together raises on any rank's error
-        for my_turn in (master_process, not master_process) if args.data == "cifar10" else (True,):
-            if my_turn:
-                try:
-                    prepared = prepare(args)
-                    run = prepared and cls(args, **prepared)
-                except SystemExit as refusal:
-                    error = str(refusal.code)
-            stop_together(error, group)
-        if run is not None:
-            on_rank_0(make_out, args, run.config["run_id"])
-        return run
+        prepared = error = None  # stays None: stop_together raises on any rank's error
+        turns = (master_process, not master_process) if self.args.data == "cifar10" else (True,)
+        with self.held:  # released here on a refusal; kept (pop_all) once the run is open
+            for my_turn in turns:
+                if my_turn:
+                    try:
+                        self.hold_out()
+                        prepared = prepare(self.args)
+                    except SystemExit as refusal:
+                        error = str(refusal.code)
+                stop_together(error, group)
+            self.nothing_to_do = prepared is None
+            if prepared:
+                vars(self).update(prepared)  # checkpoint, images, labels, classes, probe, config
+                on_rank_0(self.make_out)
+            self.held = self.held.pop_all()
+        return self
+
+    def __exit__(self, *error):
+        self.held.close()
+
+    def hold_out(self):
+        """Rank 0's lock on --out, once the folder exists, for as long as the run is open: a
+        second trainer on the folder is refused, naming this one."""
+        out = self.args.out
+        if master_process and os.path.isdir(out) and not self.locked:
+            refusal = f"--out {out}: another trainer is running in this folder"
+            advice = "wait for it to end, stop it (Ctrl-C saves), or choose another --out"
+            self.held.enter_context(RunFiles.lock(os.path.join(out, LOCK_FILE), refusal, advice))
+            self.locked = True
+            for stale in glob.glob("*.pt.*.tmp", root_dir=out):  # a killed trainer's half-save
+                os.remove(os.path.join(out, stale))
+
+    def make_out(self):
+        """--out, held, and in it the run's id: at the start, or for a last.pt moved alone into a
+        folder."""
+        args, marker = self.args, os.path.join(self.args.out, RUN_ID_FILE)
+        with failing_write(args.out):
+            os.makedirs(args.out, exist_ok=True)
+        self.hold_out()  # a new run: a second one started at once on the folder is refused here
+        if not (args.resume and os.path.exists(marker)):
+            RunFiles.write(marker, lambda f: f.write(f"{self.config['run_id']}\n".encode()))
 
     def restore(self, parts, batches) -> int:
         """On --resume, the model, EMA, optimizer, data order and RNG streams as saved; then the
-        logs (kept up to the step it starts from) and the watches. Returns that step."""
+        logs (kept up to the step it starts from), the progress bar, and the handlers of Ctrl-C and
+        SIGTERM, which finish the step and save (StopSignals), until the run is left. Returns the
+        step it starts from."""
         args, checkpoint = self.args, self.checkpoint
         self.parts, self.batches = parts, batches
         self.step = resume(checkpoint, parts, batches, args) if checkpoint else 0
@@ -375,20 +411,11 @@ class RunFolder:
         self.first_non_finite = torch.full((), NEVER, device=args.device)
         self.interval = Interval(self.step, args, elapsed)
         self.outputs = (args.ckpt_every, args.keep_every, args.sample_every, args.probe_every)
+        self.signals = StopSignals(args.device)
+        self.held.callback(self.signals.restore)
+        self.bar = self.held.enter_context(tqdm(total=args.steps, initial=self.step,
+                                                dynamic_ncols=True, disable=not master_process))
         return self.step
-
-    @contextmanager
-    def watching(self):
-        """Ctrl-C and SIGTERM finish the step and save (StopSignals), and the progress bar, until
-        the loop ends, also by an error."""
-        self.signals = StopSignals(self.args.device)
-        self.bar = tqdm(total=self.args.steps, initial=self.step, dynamic_ncols=True,
-                        disable=not master_process)
-        try:
-            yield
-        finally:
-            self.signals.restore()
-            self.bar.close()
 
     def after_step(self, step: int, losses: dict, grad_norm: torch.Tensor):
         """What is due after `step`, in this order: the log, a signal, the non-finite check, the
@@ -452,9 +479,9 @@ class RunFiles:
         """A file could not be written (a full disk, a quota, a file-size limit); says which and
         why."""
 
-        def __init__(self, path: str, reason: str):
-            super().__init__(f"could not write {path} ({reason})")
-            self.path = path
+        def __init__(self, path: str, cause: OSError):
+            super().__init__(f"could not write {path} ({cause.strerror or cause})")
+            self.path, self.errno = path, cause.errno
 
     @staticmethod
     def read(path: str, mmap: bool = True):
@@ -495,8 +522,9 @@ class RunFiles:
     @staticmethod
     def write(path: str, write):
         """write(file) into a temporary file that is then renamed onto `path`: a failed write or a
-        kill leaves `path` as it was, and a failed write leaves no temporary file either."""
-        tmp = path + ".tmp"
+        kill leaves `path` as it was, and a failed write leaves no temporary file either. The
+        temporary file is this process's own: two writers never share one."""
+        tmp = f"{path}.{os.getpid()}.tmp"
         try:
             with failing_write(path):
                 with open(tmp, "wb") as f:
@@ -566,6 +594,25 @@ class RunFiles:
             say(f"warning: {what}, leaving {in_units(free - need)} of the {in_units(free)} free "
                 f"there")
 
+    @staticmethod
+    @contextmanager
+    def lock(path: str, refusal: str, advice: str):
+        """The lock file `path` (made empty if missing) held for the `with`, by one process at a
+        time; another is refused in one line: `refusal`, its holder, `advice`. flock: the operating
+        system releases it when the holder exits, however it dies: nothing is left to clean up."""
+        try:
+            held = open(path, "ab")  # never written: a refused process changes nothing
+        except OSError as error:
+            fail(f"cannot open the lock file {path} ({error.strerror or error})")
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(held)
+            held.close()
+            fail(f"{refusal} ({holder}); {advice}")
+        with held:
+            yield
+
 
 # ------------------------------------------------------------------ opening a run
 def prepare(args):
@@ -608,15 +655,6 @@ def prepare(args):
     probe = probe_split(args.data, args.data_dir, images, labels) if args.probe_every else None
     return dict(checkpoint=checkpoint, images=images, labels=labels, classes=classes,
                 probe_data=probe, config=config)
-
-
-def make_out(args, run_id: str):
-    """--out, and in it the run's id: at the start, or for a last.pt moved alone into a folder."""
-    marker = os.path.join(args.out, RUN_ID_FILE)
-    with failing_write(args.out):
-        os.makedirs(args.out, exist_ok=True)
-    if not (args.resume and os.path.exists(marker)):
-        RunFiles.write(marker, lambda f: f.write(f"{run_id}\n".encode()))
 
 
 def check_disk_space(args, model_config: dict, step: int):
@@ -742,6 +780,7 @@ def check_resume_config(old: dict, new: dict, path: str):
 
 SNAPSHOTS = "ema_*.pt"  # EMA snapshots kept for good, ema_<step>.pt
 RUN_ID_FILE = "run_id.txt"  # the id of the run that writes the folder, made at its start
+LOCK_FILE = "train.lock"  # locked by the one trainer of the folder (flock), never written
 
 
 # ------------------------------------------------------------------ checkpoints and snapshots
@@ -860,6 +899,21 @@ def readable(row: dict, resume_step: int) -> bool:
         return False
 
 
+def lock_holder(held) -> str:
+    """Who holds the flock of the open file `held`: 'pid N on HOST', read from Linux's /proc/locks
+    (a line per lock: ... pid major:minor:inode ...)."""
+    info = os.fstat(held.fileno())
+    key = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            pids = [line.split()[4] for line in locks if "->" not in line and key in line.split()]
+    except OSError:  # not Linux
+        pids = []
+    if not pids:  # on a network filesystem the holder may be another machine
+        return "held by a process that this machine cannot name"
+    return f"held by pid {pids[0]} on {socket.gethostname()}"
+
+
 @contextmanager
 def failing_write(path: str):
     """A failed write to `path` raised as WriteFailed. torch's zip writer reports it as a
@@ -870,7 +924,7 @@ def failing_write(path: str):
         cause = error if isinstance(error, OSError) else error.__context__
         if not isinstance(cause, OSError):
             raise
-        raise RunFiles.WriteFailed(path, cause.strerror or str(cause)) from None
+        raise RunFiles.WriteFailed(path, cause) from None
 
 
 # ========================== what a first reading can skip: formats, probe, grids, torchrun, signals
@@ -1069,11 +1123,15 @@ def on_rank_0(write, *args):
     if master_process:
         try:
             write(*args)
+        except SystemExit as refusal:  # e.g. another trainer took the new folder first
+            failure = str(refusal.code)
         except RunFiles.WriteFailed as error:
+            fix = "make room" if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (
+                "fix that")
             if os.path.exists(os.path.join(os.path.dirname(error.path), "last.pt")):
-                advice = "last.pt holds the last saved state: make room, then rerun with --resume"
+                advice = f"last.pt holds the last saved state: {fix}, then rerun with --resume"
             else:
-                advice = "no last.pt was saved yet: make room, then start the run again"
+                advice = f"no last.pt was saved yet: {fix}, then start the run again"
             failure = f"error: {error}; the files written before it are whole, and {advice}"
     stop_together(failure)
 
