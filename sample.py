@@ -533,6 +533,7 @@ def compare_table(arms: list) -> str:
         lines.append(f"note: {'; '.join(lengths)}; every number here is at step {step['fm']}, the "
                      f"last that all of them reached (the figure's curves keep their full length)")
     lines += speedup_lines(arms)
+    lines += paired_gap_lines(arms, step)
     ts = sorted({name[1] for arm in arms for run in arm.runs for name in run.curves
                  if isinstance(name, tuple)}, reverse=True)
     cell = max(22, *(len(arm.label) for arm in arms))
@@ -568,6 +569,76 @@ def first_step_at_or_below(xs: list, ys: list, target: float):
 
 def baseline_arm(arms: list):
     return next((arm for arm in arms if arm.runs[0].config["layersync_weight"] == 0), None)
+
+
+STEADY_ROWS = 6  # a loss gap is steady when its sign holds over the last 6 logged steps
+
+
+def paired_measures(run: Run, arm: Arm, step: dict) -> dict:
+    """A run's fm and FID at the shared step; at each probed t, the student's and the best block's
+    probe and the mean relative update of the blocks strictly between the arm's pair."""
+    k, k_teacher = arm.student, arm.teacher
+    values = {f"fm at step {step['fm']}": run.curves["fm"].get(step["fm"]),
+              f"FID at step {step['fid']}": run.curves["fid"].get(step["fid"])}
+    ts = sorted({name[1] for name in run.curves if isinstance(name, tuple)}, reverse=True)
+    for t in ts:
+        accuracy, update = run.curves[("accuracy", t)], run.curves[("relative_update", t)]
+        values[f"student {k}'s probe at t={t:g} (%)"] = accuracy.get(k)
+        values[f"best block's probe at t={t:g} (%)"] = max(accuracy.values())
+        between = [update[b] for b in range(k + 1, k_teacher) if b in update]
+        if between:
+            name = f"relative update of blocks {k + 1}..{k_teacher - 1} at t={t:g}"
+            values[name] = sum(between) / len(between)
+    return values
+
+
+def verdict(gaps: list) -> str:
+    """Whether the seeds' gaps share a sign, and how often that would happen with no effect."""
+    if len(gaps) < 2:
+        return "one seed: no verdict"
+    if not any(gaps):
+        return "no gap in any seed"
+    if 0 in gaps or len({gap > 0 for gap in gaps}) > 1:
+        return "mixed"
+    settle = "; two seeds cannot settle a difference" if len(gaps) == 2 else ""
+    return f"same sign in every seed (by chance alone 1 in {2 ** (len(gaps) - 1)}{settle})"
+
+
+def paired_gap_lines(arms: list, step: dict) -> list:
+    """Each LayerSync arm minus the baseline, seed by seed: the same seed gives both arms the same
+    initial weights and batches, so a seed's gap is far steadier than either arm's number."""
+    baseline, lines = baseline_arm(arms), []
+    for arm in arms:
+        if baseline is None or arm is baseline:
+            continue
+        ours = {run.config["seed"]: run for run in arm.runs}
+        theirs = {run.config["seed"]: run for run in baseline.runs}
+        seeds = sorted(ours.keys() & theirs.keys())
+        alone = sorted(ours.keys() ^ theirs.keys()) or "none"
+        lines.append(f"paired gaps, {arm.label} minus baseline, seeds {seeds} (left out, without "
+                     f"a partner: {alone}); a difference counts where every seed's gap has the "
+                     f"same sign, and a loss gap only where it is also steady:")
+        gaps = {}  # {measure: each seed's gap}
+        for seed in seeds:
+            mine = paired_measures(ours[seed], arm, step)
+            base = paired_measures(theirs[seed], arm, step)
+            for measure, value in mine.items():
+                if value is not None and base.get(measure) is not None:
+                    gaps.setdefault(measure, []).append(value - base[measure])
+        for measure, values in gaps.items():
+            each = " ".join(f"{gap:+.4g}" for gap in values)
+            lines.append(f"  {measure}: {each}; mean {sum(values) / len(values):+.4g}; "
+                         f"{verdict(values)}")
+        # steady: each seed's fm gap keeps its sign over the last STEADY_ROWS logged steps
+        xs = over_seeds([run.curves["fm"] for run in arm.runs + baseline.runs])[0][-STEADY_ROWS:]
+        changes = []
+        for seed in seeds:
+            fm, base_fm = ours[seed].curves["fm"], theirs[seed].curves["fm"]
+            if len({fm[x] > base_fm[x] for x in xs}) > 1:
+                changes.append(seed)
+        where = f"not steady, its sign changes in seeds {changes}" if changes else "steady"
+        lines.append(f"  fm gap over the last {len(xs)} logged steps: {where}")
+    return lines
 
 
 def speedup_lines(arms: list) -> list:
