@@ -14,6 +14,7 @@ import copy
 import csv
 import errno
 import io
+import itertools
 import math
 import os
 import pickle
@@ -2203,6 +2204,61 @@ def test_a_changed_setting_on_resume_makes_its_own_arm(image_folder, tmp_path, c
     assert "  LayerSync lambda 0.2, lr 0.0001: 1 seed(s): longer (seed 0)" in out
     assert ("  LayerSync lambda 0.2, lr 0.0003, resumed with lr 0.0001 -> 0.0003 at step 2: 1 "
             "seed(s): changed (seed 0)") in out
+
+
+def constructed_run(folder, template: dict, weight: float, seed: int, fm: list, probe: dict):
+    """A run folder whose CSVs the test writes: `template`'s last.pt as this arm and seed, fm at
+    steps 10, 20, ..., and probe.csv at the last of them, probe = {block: (accuracy, update)} at
+    t = 1."""
+    os.makedirs(folder)
+    state = copy.deepcopy(template)
+    state["config"].update(layersync_weight=weight, seed=seed, run_id=f"w{weight}s{seed}",
+                           layersync_pairs=[[1, 3]])
+    torch.save(state, folder / "last.pt")
+    (folder / "run_id.txt").write_text(f"w{weight}s{seed}\n")
+    steps = [10 * (i + 1) for i in range(len(fm))]
+    with open(folder / "metrics.csv", "w") as f:
+        f.write("step,loss,fm,layersync,grad_norm,img_per_s,elapsed_s\n")
+        f.writelines(f"{step},{v},{v},-0.9,1,100,{step}\n" for step, v in zip(steps, fm))
+    with open(folder / "probe.csv", "w") as f:
+        f.write("step,t,block,accuracy,teacher_cosine,relative_update\n")
+        f.writelines(f"{steps[-1]},1,{k},{a},0.9,{u}\n" for k, (a, u) in probe.items())
+    return str(folder)
+
+
+def test_compare_pairs_each_arm_with_the_baseline_seed_by_seed(image_folder, tmp_path):
+    """Runs with known gaps: fm higher in every seed (but one seed's gap changes sign over the
+    last rows: not steady), the student's probe mixed, the blocks between the pair writing less
+    in every seed; LayerSync's seed 3 has no baseline partner."""
+    train(image_folder, tmp_path / "template", "--steps", "1", "--keep-every", "0")
+    template = checkpoint(tmp_path / "template")
+    base_probe = {1: (0.50, 0.3), 2: (0.60, 0.2), 3: (0.70, 0.2)}
+    runs = [constructed_run(tmp_path / f"b{s}", template, 0.0, s, [1.0] * 6, base_probe)
+            for s in (0, 1, 2)]
+    for seed, fm, student, update in ((0, [1.1] * 6, 0.55, 0.1), (1, [1.2] * 6, 0.53, 0.15),
+                                      (2, [0.9] * 5 + [1.05], 0.48, 0.05),
+                                      (3, [1.3] * 6, 0.9, 0.1)):
+        probe = {1: (student, 0.3), 2: (0.60, update), 3: (0.70, 0.2)}
+        runs.append(constructed_run(tmp_path / f"s{seed}", template, 0.2, seed, fm, probe))
+    arms = sample_script.group_into_arms([sample_script.read_run(run) for run in runs])
+    lines = sample_script.compare_table(arms).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(
+        "paired gaps, LayerSync lambda 0.2 minus baseline, seeds [0, 1, 2] (left out, without a "
+        "partner: [3])"))
+    block = itertools.takewhile(lambda line: line.startswith("  "), lines[start + 1:])
+    paired = dict(line.strip().split(": ", 1) for line in block)
+    assert paired["fm at step 60"] == ("+0.1 +0.2 +0.05; mean +0.1167; same sign in every seed "
+                                       "(by chance alone 1 in 4)")
+    assert paired["student 1's probe at t=1 (%)"].endswith("+5 +3 -2; mean +2; mixed")
+    assert paired["best block's probe at t=1 (%)"] == "+0 +0 +0; mean +0; no gap in any seed"
+    assert paired["relative update of blocks 2..2 at t=1"].startswith("-0.1 -0.05 -0.15;")
+    assert paired["relative update of blocks 2..2 at t=1"].endswith("same sign in every seed "
+                                                                    "(by chance alone 1 in 4)")
+    assert paired["fm gap over the last 6 logged steps"] == "not steady, its sign changes in "\
+                                                           "seeds [2]"
+    assert sample_script.verdict([0.1, 0.2]).endswith("two seeds cannot settle a difference)")
+    assert sample_script.verdict([-0.1, -0.2, -0.3]) == ("same sign in every seed (by chance "
+                                                         "alone 1 in 4)")
 
 
 def fid_run(name: str, weight: float, seed: int, fid: dict) -> "sample_script.Run":
