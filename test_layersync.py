@@ -2825,6 +2825,12 @@ def fake_cuda(monkeypatch):
     Models are built before it, as real CPU tensors, and moved inside it."""
     if FakeTensorMode is None:
         pytest.skip("this torch has no torch._subclasses.fake_tensor.FakeTensorMode")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        try:
+            torch.zeros(1).to("cuda")
+        except RuntimeError:  # torch 2.4: a fake tensor's move still starts the CUDA driver
+            pytest.skip(f"torch {torch.__version__}'s FakeTensorMode needs a CUDA driver to fake "
+                        f"a GPU")
     monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     return lambda: FakeTensorMode(allow_non_fake_inputs=True)

@@ -44,6 +44,10 @@ from tqdm import tqdm
 from layersync import (SiT, SiT_models, check_layersync_pairs, default_layersync_pair,
                        guided_velocity, linear_probe, sample, training_loss)
 
+# argparse.Namespace holds plain values (the official SiT and LayerSync train.py's flags): allowed
+# in the files read with weights_only=True (add_safe_globals: torch 2.4; safe_globals came in 2.5)
+torch.serialization.add_safe_globals([argparse.Namespace])
+
 # One process, or several under torchrun: plain facts, set once (as in nanoGPT). Each process trains
 # data-parallel on its slice of the same global batch; the master process alone writes files.
 ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -493,9 +497,7 @@ class RunFiles:
         if not zipfile.is_zipfile(path):  # a CSV, a PNG: torch's message would say to re-save it
             fail(f"{path} is not a torch checkpoint (torch.save writes a zip archive)")
         try:  # weights_only: the file is data; mmap: under torchrun the processes share one copy
-            # argparse.Namespace holds plain values: the official SiT and LayerSync train.py's flags
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as error:  # refused before anything in it ran
             needs = (re.search(r"GLOBAL ([\w.]+)", str(error)) or [None, "a pickled object"])[1]
             fail(f"{path} needs code to load ({needs}), so it was not loaded; a model saved whole "
