@@ -581,10 +581,11 @@ def paired_measures(run: Run, arm: Arm, step: dict) -> dict:
     values = {f"fm at step {step['fm']}": run.curves["fm"].get(step["fm"]),
               f"FID at step {step['fid']}": run.curves["fid"].get(step["fid"])}
     ts = sorted({name[1] for name in run.curves if isinstance(name, tuple)}, reverse=True)
-    for t in ts:
-        accuracy, update = run.curves[("accuracy", t)], run.curves[("relative_update", t)]
+    for t in ts:  # the block tables exist where some probed step is shared by every run
+        accuracy = run.curves.get(("accuracy", t), {})
+        update = run.curves.get(("relative_update", t), {})
         values[f"student {k}'s probe at t={t:g} (%)"] = accuracy.get(k)
-        values[f"best block's probe at t={t:g} (%)"] = max(accuracy.values())
+        values[f"best block's probe at t={t:g} (%)"] = max(accuracy.values(), default=None)
         between = [update[b] for b in range(k + 1, k_teacher) if b in update]
         if between:
             name = f"relative update of blocks {k + 1}..{k_teacher - 1} at t={t:g}"
@@ -609,7 +610,7 @@ def paired_gap_lines(arms: list, step: dict) -> list:
     initial weights and batches, so a seed's gap is far steadier than either arm's number."""
     baseline, lines = baseline_arm(arms), []
     for arm in arms:
-        if baseline is None or arm is baseline:
+        if baseline is None or arm is baseline or arm.student is None:
             continue
         ours = {run.config["seed"]: run for run in arm.runs}
         theirs = {run.config["seed"]: run for run in baseline.runs}
@@ -629,6 +630,8 @@ def paired_gap_lines(arms: list, step: dict) -> list:
             each = " ".join(f"{gap:+.4g}" for gap in values)
             lines.append(f"  {measure}: {each}; mean {sum(values) / len(values):+.4g}; "
                          f"{verdict(values)}")
+        if not seeds:
+            continue
         # steady: each seed's fm gap keeps its sign over the last STEADY_ROWS logged steps
         xs = over_seeds([run.curves["fm"] for run in arm.runs + baseline.runs])[0][-STEADY_ROWS:]
         changes = []

@@ -2256,6 +2256,11 @@ def test_compare_pairs_each_arm_with_the_baseline_seed_by_seed(image_folder, tmp
                                                                     "(by chance alone 1 in 4)")
     assert paired["fm gap over the last 6 logged steps"] == "not steady, its sign changes in "\
                                                            "seeds [2]"
+    # a baseline never probed: no block table at a shared step, the loss still paired
+    bare = constructed_run(tmp_path / "bare", template, 0.0, 0, [1.0] * 6, {})
+    arms = sample_script.group_into_arms([sample_script.read_run(r) for r in (bare, runs[3])])
+    assert "  fm at step 60: +0.1; mean +0.1; one seed: no verdict" in (
+        sample_script.compare_table(arms).splitlines())
     assert sample_script.verdict([0.1, 0.2]).endswith("two seeds cannot settle a difference)")
     assert sample_script.verdict([-0.1, -0.2, -0.3]) == ("same sign in every seed (by chance "
                                                          "alone 1 in 4)")

@@ -345,7 +345,8 @@ class RunFolder:
 
     def __init__(self, args):
         self.args, self.ckpt_path = args, os.path.join(args.out, "last.pt")
-        self.stop_signal, self.locked = 0, False  # the signal that stops the run (0: none)
+        self.stop_signal = 0  # the signal that stops the run (0: none)
+        self.locked = False  # whether rank 0 holds --out's lock yet
         self.held = ExitStack()  # the lock, then the signal handlers and the bar: released on exit
 
     def __enter__(self):
@@ -384,8 +385,6 @@ class RunFolder:
             advice = "wait for it to end, stop it (Ctrl-C saves), or choose another --out"
             self.held.enter_context(RunFiles.lock(os.path.join(out, LOCK_FILE), refusal, advice))
             self.locked = True
-            for stale in glob.glob("*.pt.*.tmp", root_dir=out):  # a killed trainer's half-save
-                os.remove(os.path.join(out, stale))
 
     def make_out(self):
         """--out, held, and in it the run's id: at the start, or for a last.pt moved alone into a
@@ -394,6 +393,12 @@ class RunFolder:
         with failing_write(args.out):
             os.makedirs(args.out, exist_ok=True)
         self.hold_out()  # a new run: a second one started at once on the folder is refused here
+        snapshots = glob.glob(SNAPSHOTS, root_dir=args.out)
+        if not args.resume and (os.path.exists(self.ckpt_path) or snapshots):  # made meanwhile
+            fail(f"--out {args.out}: another run wrote into it while this one prepared; choose "
+                 f"another --out")
+        for stale in glob.glob("*.pt.*.tmp", root_dir=args.out):  # a killed trainer's half-save
+            os.remove(os.path.join(args.out, stale))
         if not (args.resume and os.path.exists(marker)):
             RunFiles.write(marker, lambda f: f.write(f"{self.config['run_id']}\n".encode()))
 
@@ -612,6 +617,9 @@ class RunFiles:
             holder = lock_holder(held)
             held.close()
             fail(f"{refusal} ({holder}); {advice}")
+        except OSError as error:  # a filesystem without flock (e.g. Lustre without -o flock)
+            say(f"warning: cannot lock {path} ({error.strerror}): nothing stops a second process "
+                f"on this folder")
         with held:
             yield
 
