@@ -1204,6 +1204,10 @@ def main(argv=None):
         raise
     finally:
         if dist.is_initialized():
+            # before torch 2.8, gloo's destructor waits for its worker threads while holding the GIL,
+            # which a worker may still need to free its last tensor (pytorch/pytorch#154976): hand
+            # the GIL over for a moment first, or the process can hang here at its very end
+            time.sleep(0.1)
             dist.destroy_process_group()
 
 
