@@ -606,8 +606,7 @@ def verdict(gaps: list) -> str:
 
 
 def paired_gap_lines(arms: list, step: dict) -> list:
-    """Each LayerSync arm minus the baseline, seed by seed: the same seed gives both arms the same
-    initial weights and batches, so a seed's gap is far steadier than either arm's number."""
+    """Each LayerSync arm minus the baseline, seed by seed (a seed: same weights and batches)."""
     baseline, lines = baseline_arm(arms), []
     for arm in arms:
         if baseline is None or arm is baseline or arm.student is None:

@@ -44,8 +44,7 @@ from tqdm import tqdm
 from layersync import (SiT, SiT_models, check_layersync_pairs, default_layersync_pair,
                        guided_velocity, linear_probe, sample, training_loss)
 
-# argparse.Namespace holds plain values (the official SiT and LayerSync train.py's flags): allowed
-# in the files read with weights_only=True (add_safe_globals: torch 2.4; safe_globals came in 2.5)
+# the official train.py's flags (plain values) load with weights_only=True (torch 2.4 and later)
 torch.serialization.add_safe_globals([argparse.Namespace])
 
 # One process, or several under torchrun: plain facts, set once (as in nanoGPT). Each process trains
@@ -337,11 +336,8 @@ def train(args):
 
 # ========================== the run folder: what keeps a run whole on disk
 class RunFolder:
-    """--out of one training run, behind one door: train() enters it (its lock, every refusal,
-    the run's identity, the resume's checks, the disk), restores it (logs, progress bar, signals),
-    hands it each step (logs, snapshots, probe rows, last.pt, grids, the non-finite check),
-    finishes it, and leaves it (the lock released). Its files, and any run's, go through
-    RunFiles."""
+    """--out of one training run, behind one door: train() enters it (lock, refusals, identity,
+    resume, disk), restores it, hands it each step, finishes it and leaves it (lock released)."""
 
     def __init__(self, args):
         self.args, self.ckpt_path = args, os.path.join(args.out, "last.pt")
@@ -351,8 +347,7 @@ class RunFolder:
 
     def __enter__(self):
         """prepare() on every rank, CIFAR-10 on rank 0 first (it alone downloads it); a refusal on
-        any rank stops them all, with its message. Rank 0 holds --out's lock from before it reads
-        the folder (or, for a new run, from its making) to the end. --out is made only then."""
+        any rank stops them all. Rank 0 locks --out before reading it; --out is made only then."""
         # a download can outlast NCCL's 10-minute timeout: the others wait on the CPU, up to 2 hours
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if ddp else None
         prepared = error = None  # stays None: stop_together raises on any rank's error
@@ -377,13 +372,12 @@ class RunFolder:
         self.held.close()
 
     def hold_out(self):
-        """Rank 0's lock on --out, once the folder exists, for as long as the run is open: a
-        second trainer on the folder is refused, naming this one."""
+        """Rank 0 locks --out, once it exists, while the run is open: one trainer per folder."""
         out = self.args.out
         if master_process and os.path.isdir(out) and not self.locked:
-            refusal = f"--out {out}: another trainer is running in this folder"
-            advice = "wait for it to end, stop it (Ctrl-C saves), or choose another --out"
-            self.held.enter_context(RunFiles.lock(os.path.join(out, LOCK_FILE), refusal, advice))
+            self.held.enter_context(RunFiles.lock(
+                os.path.join(out, LOCK_FILE), f"--out {out}: another trainer is running in this "
+                "folder", "wait for it to end, stop it (Ctrl-C saves), or choose another --out"))
             self.locked = True
 
     def make_out(self):
@@ -403,10 +397,8 @@ class RunFolder:
             RunFiles.write(marker, lambda f: f.write(f"{self.config['run_id']}\n".encode()))
 
     def restore(self, parts, batches) -> int:
-        """On --resume, the model, EMA, optimizer, data order and RNG streams as saved; then the
-        logs (kept up to the step it starts from), the progress bar, and the handlers of Ctrl-C and
-        SIGTERM, which finish the step and save (StopSignals), until the run is left. Returns the
-        step it starts from."""
+        """On --resume, last.pt's state; then the logs (kept up to that step), the progress bar and
+        the Ctrl-C and SIGTERM handlers (StopSignals), until the run is left. Returns the step."""
         args, checkpoint = self.args, self.checkpoint
         self.parts, self.batches = parts, batches
         self.step = resume(checkpoint, parts, batches, args) if checkpoint else 0
@@ -458,8 +450,7 @@ class RunFolder:
         self.interval.time += time.perf_counter() - pause  # img_per_s counts training time only
 
     def check_finite(self):
-        """A non-finite loss since the start stops every rank with one message, before anything is
-        saved."""
+        """A non-finite loss stops every rank in one line, before anything is saved."""
         if ddp:  # the earliest bad step of any rank: a NaN spreads to all ranks in one step
             dist.all_reduce(self.first_non_finite, op=dist.ReduceOp.MIN)
         if (bad := int(self.first_non_finite)) != NEVER:
@@ -485,8 +476,7 @@ class RunFiles:
     raises WriteFailed), one run per folder (check_one_run), the space they need (check_space)."""
 
     class WriteFailed(Exception):
-        """A file could not be written (a full disk, a quota, a file-size limit); says which and
-        why."""
+        """A file could not be written (a full disk, a quota, a size limit): which, and why."""
 
         def __init__(self, path: str, cause: OSError):
             super().__init__(f"could not write {path} ({cause.strerror or cause})")
@@ -528,9 +518,8 @@ class RunFiles:
 
     @staticmethod
     def write(path: str, write):
-        """write(file) into a temporary file that is then renamed onto `path`: a failed write or a
-        kill leaves `path` as it was, and a failed write leaves no temporary file either. The
-        temporary file is this process's own: two writers never share one."""
+        """write(file) into this process's own temporary file, then renamed onto `path`: a failed
+        write or a kill leaves `path` as it was; a failed write leaves no temporary file either."""
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             with failing_write(path):
@@ -1204,10 +1193,7 @@ def main(argv=None):
         raise
     finally:
         if dist.is_initialized():
-            # before torch 2.8, gloo's destructor waits for its worker threads while holding the GIL,
-            # which a worker may still need to free its last tensor (pytorch/pytorch#154976): hand
-            # the GIL over for a moment first, or the process can hang here at its very end
-            time.sleep(0.1)
+            time.sleep(0.1)  # hand the GIL to gloo's workers: torch < 2.8 can hang (pytorch#154976)
             dist.destroy_process_group()
 
 
